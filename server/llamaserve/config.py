@@ -1,0 +1,60 @@
+"""Typed, frozen configuration: one dataclass per concern, validated on construction.
+
+The CLI and YAML files map onto these; nothing writes back into them at runtime.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None  # checkpoint directory or .gguf file; None: the embedded default model
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # torch device of the weights and the KV cache
+    chat_template: str | None = None  # built-in name (e.g. "llama-2") or .jinja file; None: the checkpoint's
+    cache_dir: Path = Path.home() / ".cache" / "llamaserve"  # converted GGUF checkpoints live here
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_gib: float = 1.0  # KV cache size on CPU (all layers, K and V)
+    gpu_memory_utilization: float = 0.9  # on GPU: fraction of device memory the server may use
+    enable_prefix_caching: bool = True  # reuse full blocks whose token prefix was computed before
+    num_blocks: int | None = None  # fixed block count (tests, benchmarks); overrides the sizing above
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.kv_cache_gib <= 0:
+            raise ValueError("kv_cache_gib must be > 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # requests in one step
+    max_num_batched_tokens: int = 512  # tokens (prefill chunks + decodes) in one step
+    max_model_len: int = 2048  # prompt + output tokens of one request
+    policy: str = "fcfs"  # "fcfs" or "priority" (lower priority value runs first, then arrival)
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', not {self.policy!r}")

@@ -1,0 +1,153 @@
+"""Paged attention: per-step metadata for a flat batch of many sequences, and the backends behind one call.
+
+A step's tokens are flat ([num_tokens]): each sequence contributes `query_len` new tokens (a prefill
+chunk or one decode token) whose K/V are written into cache slots, then attend over the sequence's
+whole context (cached tokens + new ones) through its block table. No sequence is padded to another's
+length on the way in or out.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    query_lens: list[int]  # new tokens per sequence this step
+    seq_lens: list[int]  # tokens per sequence once this step's are in the cache (context + new)
+    block_tables: list[list[int]]  # per sequence, the cache blocks that hold its tokens in order
+    block_size: int
+    slot_mapping: torch.Tensor  # [num_tokens] long: cache slot (block * block_size + offset) of each new token
+    token_seq_lens: torch.Tensor  # [num_tokens] long: seq_len of each token's sequence (dynamic RoPE)
+    logits_indices: torch.Tensor  # [num_sampled] long: flat positions whose logits are wanted
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        sample: list[bool] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> "AttentionMetadata":
+        """`sample[i]` says whether sequence i wants the logits of its last new token (default: all do)."""
+        slots, token_seq_lens, logits_indices, offset = [], [], [], 0
+        for i, (q, s, table) in enumerate(zip(query_lens, seq_lens, block_tables)):
+            for pos in range(s - q, s):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            token_seq_lens.extend([s] * q)
+            offset += q
+            if sample is None or sample[i]:
+                logits_indices.append(offset - 1)
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        return cls(
+            query_lens=list(query_lens),
+            seq_lens=list(seq_lens),
+            block_tables=block_tables,
+            block_size=block_size,
+            slot_mapping=tensor(slots),
+            token_seq_lens=tensor(token_seq_lens),
+            logits_indices=tensor(logits_indices),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.numel()
+
+
+def allocate_kv_cache(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (K, V) pair per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(num_layers)
+    ]
+
+
+@dataclass
+class _Group:
+    """Sequences attended together in one padded SDPA call (padding lives only inside the kernel call)."""
+
+    token_index: torch.Tensor  # [G, max_q] long: flat token of each query row (0 where padded)
+    token_valid: torch.Tensor  # [G, max_q] bool
+    kv_slots: torch.Tensor  # [G, max_ctx] long: cache slot of each context position (0 where padded)
+    mask: torch.Tensor  # [G, 1, max_q * queries_per_kv, max_ctx] bool: True = may attend
+
+
+class TorchAttentionBackend:
+    """Reference backend in plain torch (CPU and GPU). All decodes of a step share one SDPA call; each
+    prefill chunk gets its own, so a long prompt never pads the decodes to its length."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.queries_per_kv = num_heads // num_kv_heads
+        self.head_dim = head_dim
+
+    def plan(self, meta: AttentionMetadata) -> list[_Group]:
+        """Index tensors shared by every layer of one forward."""
+        starts, offset = [], 0
+        for q in meta.query_lens:
+            starts.append(offset)
+            offset += q
+        decodes = [i for i, q in enumerate(meta.query_lens) if q == 1]
+        prefills = [[i] for i, q in enumerate(meta.query_lens) if q > 1]
+        groups = ([decodes] if decodes else []) + prefills
+        device = meta.slot_mapping.device
+        return [self._group(meta, members, starts, device) for members in groups]
+
+    def _group(self, meta: AttentionMetadata, members: list[int], starts: list[int], device) -> _Group:
+        max_q = max(meta.query_lens[i] for i in members)
+        max_ctx = max(meta.seq_lens[i] for i in members)
+        q_range = torch.arange(max_q)
+        ctx_range = torch.arange(max_ctx)
+        query_lens = torch.tensor([meta.query_lens[i] for i in members])
+        seq_lens = torch.tensor([meta.seq_lens[i] for i in members])
+        token_valid = q_range[None, :] < query_lens[:, None]  # [G, max_q]
+        token_index = torch.where(token_valid, torch.tensor([starts[i] for i in members])[:, None] + q_range, 0)
+        # Query row r of a sequence sits at absolute position seq_len - query_len + r (causal limit).
+        last_visible = (seq_lens - query_lens)[:, None] + q_range[None, :]  # [G, max_q]
+        mask = ctx_range[None, None, :] <= last_visible[:, :, None]  # [G, max_q, max_ctx]
+        mask = mask.repeat_interleave(self.queries_per_kv, dim=1)[:, None]
+        bs = meta.block_size
+        tables = torch.zeros(len(members), (max_ctx + bs - 1) // bs, dtype=torch.long)
+        for row, i in enumerate(members):
+            blocks = meta.block_tables[i][: (meta.seq_lens[i] + bs - 1) // bs]
+            tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        kv_slots = tables[:, ctx_range // bs] * bs + ctx_range % bs
+        kv_slots = torch.where(ctx_range[None, :] < seq_lens[:, None], kv_slots, 0)
+        return _Group(*(t.to(device, non_blocking=True) for t in (token_index, token_valid, kv_slots, mask)))
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        plan: list[_Group],
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [num_slots, num_kv_heads, head_dim]
+        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        for g in plan:
+            num_seqs, max_q = g.token_index.shape
+            # Stack each KV head's query heads along the query axis: no K/V repetition for GQA.
+            qg = q[g.token_index].view(num_seqs, max_q, self.num_kv_heads, self.queries_per_kv, self.head_dim)
+            qg = qg.permute(0, 2, 1, 3, 4).reshape(num_seqs, self.num_kv_heads, -1, self.head_dim)
+            kg = k_flat[g.kv_slots].transpose(1, 2)  # [G, num_kv_heads, max_ctx, head_dim]
+            vg = v_flat[g.kv_slots].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
+            og = og.view(num_seqs, self.num_kv_heads, max_q, self.queries_per_kv, self.head_dim)
+            og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs, max_q, self.num_heads, self.head_dim)
+            out[g.token_index[g.token_valid]] = og[g.token_valid]
+        return out.view(q.shape[0], -1)

@@ -1,0 +1,105 @@
+"""Checkpoint loading: sharded safetensors, refusals, the embedded default model against transformers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+from transformers import LlamaForCausalLM as ReferenceLlama
+
+from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
+from llamaserve.model.loader import iter_safetensors, load_model, resolve_checkpoint
+from tests.conftest import make_tiny_checkpoint
+
+
+def greedy(model, prompt_ids: list[int], num_tokens: int, block_size: int = 16, stop: tuple = ()) -> list[int]:
+    """Prefill then decode one sequence through the paged cache, up to num_tokens or a stop token."""
+    arch = model.arch
+    num_blocks = (len(prompt_ids) + num_tokens) // block_size + 1
+    kv = allocate_kv_cache(arch.num_hidden_layers, num_blocks, block_size, arch.num_key_value_heads,
+                           arch.head_dim, next(model.parameters()).dtype, "cpu")
+    table = list(reversed(range(num_blocks)))
+    tokens, new = [], list(prompt_ids)
+    for _ in range(num_tokens):
+        start = len(prompt_ids) + len(tokens) - len(new)
+        meta = AttentionMetadata.build([len(new)], [start + len(new)], [table], block_size)
+        logits = model(torch.tensor(new), torch.arange(start, start + len(new)), kv, meta)
+        tokens.append(int(logits[0].argmax()))
+        if tokens[-1] in stop:
+            break
+        new = [tokens[-1]]
+    return tokens
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+    single = make_tiny_checkpoint(tmp_path / "single", seed=7)
+    sharded = make_tiny_checkpoint(tmp_path / "sharded", seed=7, max_shard_size="50KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    a, b = load_model(single), load_model(sharded)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    prompt = list(range(5, 25))
+    assert greedy(a, prompt, 8, block_size=4) == greedy(b, prompt, 8, block_size=4)
+
+
+def test_streaming_reads_one_tensor_at_a_time(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "ckpt", max_shard_size="50KB")
+    stream = iter_safetensors(path)
+    name, tensor = next(stream)
+    assert isinstance(name, str) and isinstance(tensor, torch.Tensor)
+    assert len(list(stream)) + 1 == len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="arbitrary code"):
+        resolve_checkpoint(tmp_path, tmp_path / "cache")
+    with pytest.raises(ValueError, match="arbitrary code"):
+        resolve_checkpoint(tmp_path / "pytorch_model.bin", tmp_path / "cache")
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(tmp_path / "missing", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights(tmp_path, dtype):
+    model = load_model(make_tiny_checkpoint(tmp_path / "ckpt"), dtype)
+    assert all(p.dtype == getattr(torch, dtype) for p in model.parameters())
+    assert len(greedy(model, list(range(3, 20)), 4, block_size=4)) == 4
+
+
+def test_default_model_matches_transformers(default_checkpoint):
+    """Greedy 32 tokens for a real chat prompt: ours equal transformers' on the converted checkpoint."""
+    tokenizer = AutoTokenizer.from_pretrained(default_checkpoint)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ours = greedy(load_model(default_checkpoint, "float32"), prompt, 32, stop=(tokenizer.eos_token_id,))
+    reference = ReferenceLlama.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+    expected = out[0, len(prompt):].tolist()
+    print("default model says:", repr(tokenizer.decode(ours)))
+    assert ours == expected
+    assert "Paris" in tokenizer.decode(ours)
+
+
+def test_default_model_load_memory(default_checkpoint):
+    """Streaming load keeps peak RSS near the model's own size (float32 weights: ~513 MiB)."""
+    code = (
+        "import re, sys, time, torch; from llamaserve.model.loader import load_model;"
+        # VmHWM is this process's own peak; ru_maxrss would carry over pytest's peak across fork.
+        "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024;"
+        "before = peak(); t = time.time(); m = load_model(sys.argv[1]); seconds = time.time() - t;"
+        "size = sum(p.numel() * p.element_size() for p in m.parameters());"
+        "print(size, peak() - before, seconds)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(default_checkpoint)], capture_output=True, text=True,
+                         check=True)
+    size, growth, seconds = out.stdout.split()
+    print(f"weights {int(size) / 2**20:.0f} MiB, peak RSS growth {int(growth) / 2**20:.0f} MiB, "
+          f"load {float(seconds):.2f} s")
+    assert int(growth) < 1.3 * int(size)
