@@ -1,0 +1,205 @@
+"""Batched token sampling: one pass over a whole engine step's logits, no host sync.
+
+Order of operations per row (a stage runs only if some row of the step uses it):
+  1. logit bias: logits[token] += bias
+  2. repetition penalty (CTRL): for tokens present in the prompt or the output, positive logits
+     are divided by the penalty and negative logits multiplied by it
+  3. presence / frequency penalties (OpenAI): logit -= presence * (count > 0) + frequency * count,
+     counting output tokens only
+     -> logprobs are the log-softmax of these logits, before temperature and filtering, as vLLM
+        and the OpenAI API report them: they describe the model's (penalized) distribution,
+        not the truncated one the token was drawn from.
+  4. greedy rows (temperature 0 or top_k 1): argmax
+  5. other rows: divide by temperature; top-k, top-p (one shared sort); softmax; min-p
+  6. draw with the exponential race, argmax(probs / q) with q ~ Exp(1): the same distribution
+     as a multinomial draw, with no host sync. Seeded rows draw q from their own
+     torch.Generator (which must live on the logits' device), so their tokens do not depend
+     on the rest of the batch; a seeded row that is greedy does not advance its generator.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llamaserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """One step's sampling inputs; a field is None when no request in the step uses the feature."""
+
+    all_greedy: bool
+    greedy_mask: Tensor | None  # [num_seqs] bool; None when no row or every row is greedy
+    temperature: Tensor | None  # [num_seqs, 1]; 1.0 on greedy rows
+    top_k: Tensor | None  # [num_seqs, 1] long; vocab_size where off
+    top_p: Tensor | None  # [num_seqs, 1]; inf where off, so float error in the cumsum never masks
+    min_p: Tensor | None  # [num_seqs, 1]; 0.0 where off
+    bias: tuple[Tensor, Tensor, Tensor] | None  # (rows, token ids, values), each [num_biases]
+    penalty_rows: Tensor | None  # [num_pen] long: the rows that use any penalty
+    repetition_penalty: Tensor | None  # [num_pen, 1]
+    seen_mask: Tensor | None  # [num_pen, vocab] bool: token in the prompt or the output
+    presence_penalty: Tensor | None  # [num_pen, 1]
+    frequency_penalty: Tensor | None  # [num_pen, 1]
+    output_counts: Tensor | None  # [num_pen, vocab] float32
+    seeded: list[tuple[int, torch.Generator]]  # (row, generator) for sampled rows with a seed
+    max_logprobs: int | None  # k of top_logprobs; None when no row asked for logprobs
+
+    @property
+    def needs_processing(self) -> bool:
+        return self.bias is not None or self.penalty_rows is not None or self.max_logprobs is not None
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> "SamplingBatch":
+        if not len(params) == len(generators) == len(prompt_token_ids) == len(output_token_ids):
+            raise ValueError("params, generators and token id lists must have one entry per row")
+
+        def column(values, dtype=torch.float32) -> Tensor:  # [len(values), 1]
+            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+        greedy = [p.greedy for p in params]
+        sampled = [p for p in params if not p.greedy]
+        all_greedy, any_greedy = all(greedy), any(greedy)
+
+        bias_entries = [(row, tid, b) for row, p in enumerate(params) for tid, b in p.logit_bias.items()]
+        if any(not 0 <= tid < vocab_size for _, tid, _ in bias_entries):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+        bias = None
+        if bias_entries:
+            rows, tids, values = zip(*bias_entries)
+            bias = (
+                torch.tensor(rows, device=device),
+                torch.tensor(tids, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
+
+        pen = [row for row, p in enumerate(params) if p.needs_penalties]
+        pen_params = [params[row] for row in pen]
+        use_rep = any(p.repetition_penalty != 1 for p in pen_params)
+        use_counts = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in pen_params)
+        output_counts = _token_counts([output_token_ids[r] for r in pen], vocab_size, device) if pen else None
+        seen_mask = None
+        if use_rep:
+            prompt_counts = _token_counts([prompt_token_ids[r] for r in pen], vocab_size, device)
+            seen_mask = (prompt_counts > 0) | (output_counts > 0)
+
+        return cls(
+            all_greedy=all_greedy,
+            greedy_mask=torch.tensor(greedy, device=device) if any_greedy and not all_greedy else None,
+            temperature=column([p.temperature or 1.0 for p in params])
+            if any(p.temperature != 1 for p in sampled) else None,
+            top_k=column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
+            if any(p.top_k for p in sampled) else None,
+            top_p=column([p.top_p if p.top_p < 1 else float("inf") for p in params])
+            if any(p.top_p < 1 for p in sampled) else None,
+            min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in sampled) else None,
+            bias=bias,
+            penalty_rows=torch.tensor(pen, dtype=torch.long, device=device) if pen else None,
+            repetition_penalty=column([p.repetition_penalty for p in pen_params]) if use_rep else None,
+            seen_mask=seen_mask,
+            presence_penalty=column([p.presence_penalty for p in pen_params]) if use_counts else None,
+            frequency_penalty=column([p.frequency_penalty for p in pen_params]) if use_counts else None,
+            output_counts=output_counts if use_counts else None,
+            seeded=[(row, g) for row, g in enumerate(generators) if g is not None and not greedy[row]],
+            max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+        )
+
+
+def _token_counts(token_ids: list[list[int]], vocab_size: int, device) -> Tensor:
+    """[len(token_ids), vocab] float32 occurrence counts from one scatter_add.
+
+    Rows are padded with an extra id (vocab_size) whose bin is dropped afterwards.
+    """
+    width = max(map(len, token_ids), default=0)
+    padded = [ids + [vocab_size] * (width - len(ids)) for ids in token_ids]
+    padded = torch.tensor(padded, dtype=torch.long).to(device)  # [rows, width]
+    counts = torch.zeros(len(token_ids), vocab_size + 1, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Logit bias, then repetition, presence and frequency penalties; returns a new float32 tensor."""
+    logits = logits.to(torch.float32, copy=True)  # [num_seqs, vocab]; the caller's logits stay intact
+    if batch.bias is not None:
+        rows, tids, values = batch.bias
+        logits.index_put_((rows, tids), values, accumulate=True)
+    if batch.penalty_rows is not None:
+        pen = logits.index_select(0, batch.penalty_rows)  # [num_pen, vocab]
+        if batch.repetition_penalty is not None:
+            rep = batch.repetition_penalty
+            penalized = torch.where(pen > 0, pen / rep, pen * rep)
+            pen = torch.where(batch.seen_mask, penalized, pen)
+        if batch.output_counts is not None:
+            counts = batch.output_counts
+            pen = pen - batch.frequency_penalty * counts - batch.presence_penalty * (counts > 0)
+        logits.index_copy_(0, batch.penalty_rows, pen)
+    return logits
+
+
+def filter_probs(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Temperature, top-k, top-p, then min-p; returns probabilities (masked tokens 0). Edits logits."""
+    if batch.temperature is not None:
+        logits.div_(batch.temperature)
+    if batch.top_k is not None or batch.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_seqs, vocab]
+        if batch.top_k is not None:
+            rank = torch.arange(logits.shape[-1], device=logits.device)  # [vocab]
+            sorted_logits.masked_fill_(rank >= batch.top_k, float("-inf"))  # exactly k survive, ties too
+        if batch.top_p is not None:
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # exclusive, so the top token stays
+            sorted_logits.masked_fill_(mass_before >= batch.top_p, float("-inf"))
+        logits.scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)  # [num_seqs, vocab]
+    if batch.min_p is not None:
+        # Zeroing without renormalizing is enough: the exponential race is scale invariant per row.
+        threshold = batch.min_p * probs.amax(dim=-1, keepdim=True)
+        probs.masked_fill_(probs < threshold, 0.0)
+    return probs
+
+
+def _exponential_race(probs: Tensor, seeded: list[tuple[int, torch.Generator]]) -> Tensor:
+    q = torch.empty_like(probs).exponential_()  # [num_seqs, vocab]; one draw for unseeded rows
+    for row, generator in seeded:  # a cheap launch per seeded row buys batch-independent tokens
+        q[row].exponential_(generator=generator)
+    # exponential_ may return 0; 0 / 0 would be NaN, which argmax would pick over any kept token.
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: Tensor  # [num_seqs] long
+    logprobs: Tensor | None = None  # [num_seqs] float32: log-softmax of the sampled token (see module doc)
+    top_logprobs: tuple[Tensor, Tensor] | None = None  # (values, ids), each [num_seqs, max_logprobs]
+
+
+class Sampler:
+    """Stateless: everything per step lives in the SamplingBatch."""
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if batch.all_greedy and not batch.needs_processing:
+            return SamplerOutput(logits.argmax(dim=-1))  # argmax is exact in any float dtype
+        logits = process_logits(logits, batch)  # [num_seqs, vocab] float32
+        logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
+        greedy_ids = logits.argmax(dim=-1) if batch.all_greedy or batch.greedy_mask is not None else None
+        if batch.all_greedy:
+            token_ids = greedy_ids
+        else:
+            token_ids = _exponential_race(filter_probs(logits, batch), batch.seeded)
+            if greedy_ids is not None:
+                token_ids = torch.where(batch.greedy_mask, greedy_ids, token_ids)
+        out = SamplerOutput(token_ids)
+        if logprobs is not None:
+            out.logprobs = logprobs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+            out.top_logprobs = tuple(logprobs.topk(batch.max_logprobs, dim=-1))
+        return out

@@ -1,0 +1,177 @@
+"""Batched sampler: greedy, seeds, filters, penalties, bias and logprobs on CPU."""
+
+import math
+
+import pytest
+import torch
+
+from llamaserve.model.sampler import Sampler, SamplingBatch, process_logits
+from llamaserve.sampling_params import SamplingParams
+
+VOCAB = 8
+# A fixed distribution, shuffled so that sorting and scattering back is exercised.
+PROBS = torch.tensor([0.05, 0.40, 0.02, 0.15, 0.25, 0.10, 0.03, 0.00001])
+LOGITS = PROBS.log()  # [VOCAB]
+
+
+def batch_of(params, generators=None, prompts=None, outputs=None, vocab=VOCAB):
+    n = len(params)
+    return SamplingBatch.build(
+        params, generators or [None] * n, prompts or [[] for _ in range(n)], outputs or [[] for _ in range(n)],
+        vocab, "cpu",
+    )
+
+
+def sample(params, logits, **kw):
+    return Sampler()(logits, batch_of(params, **kw))
+
+
+def draw_many(params: SamplingParams, n=2000, logits=LOGITS):
+    """Sampled token ids of one batch of n identical rows."""
+    torch.manual_seed(0)  # unseeded rows share the global generator
+    return sample([params] * n, logits.expand(n, -1)).token_ids
+
+
+def frequencies(tokens, vocab=VOCAB):
+    return torch.bincount(tokens, minlength=vocab).float() / len(tokens)
+
+
+def test_greedy_equals_argmax_and_pays_for_nothing():
+    logits = torch.randn(5, 100, dtype=torch.bfloat16)
+    batch = batch_of([SamplingParams(temperature=0)] * 5, vocab=100)
+    assert batch.all_greedy and not batch.needs_processing
+    assert batch.temperature is None and batch.top_k is None and batch.penalty_rows is None
+    out = Sampler()(logits, batch)
+    assert torch.equal(out.token_ids, logits.argmax(-1)) and out.logprobs is None
+
+
+def test_top_k_one_equals_greedy_at_high_temperature():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50)
+    params = [SamplingParams(temperature=5.0, top_k=1), SamplingParams(temperature=1.5)] * 32
+    out = sample(params, logits)
+    assert torch.equal(out.token_ids[0::2], logits[0::2].argmax(-1))
+
+
+def test_seeded_row_is_reproducible_alone_and_in_a_mixed_batch():
+    vocab, steps = 1000, 20
+    step_logits = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(1))
+    mine = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+
+    def run(params, my_row):
+        generators = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+        tokens = []
+        for step in range(steps):
+            logits = torch.randn(len(params), vocab)  # the others' logits vary run to run
+            logits[my_row] = step_logits[step]
+            batch = batch_of(params, generators, outputs=[tokens[:] for _ in params], vocab=vocab)
+            tokens.append(Sampler()(logits, batch).token_ids[my_row].item())
+        return tokens
+
+    alone = run([mine], 0)
+    others = [
+        SamplingParams(temperature=1.3, top_k=5, presence_penalty=0.5),
+        SamplingParams(temperature=0),
+        SamplingParams(seed=7, min_p=0.1),
+        SamplingParams(temperature=0.7, logit_bias={3: 2.0}, logprobs=2),
+    ]
+    torch.manual_seed(99)
+    mixed = run(others[:3] + [mine] + others[3:], 3)
+    assert alone == mixed
+    assert len(set(alone)) > 1  # it really sampled
+    assert run([SamplingParams(temperature=0.9, top_p=0.95, seed=4321)], 0) != alone
+
+
+def test_top_p_keeps_the_smallest_set_reaching_top_p():
+    # Sorted: 0.40, 0.25, 0.15 | 0.10 ... -> 0.40 + 0.25 < 0.7 <= 0.80, so three tokens stay.
+    freq = frequencies(draw_many(SamplingParams(top_p=0.7)))
+    kept = torch.tensor([1, 4, 3])
+    expected = torch.zeros(VOCAB)
+    expected[kept] = PROBS[kept] / PROBS[kept].sum()
+    assert torch.count_nonzero(freq).item() == 3 and (freq[kept] > 0).all()
+    assert torch.allclose(freq, expected, atol=0.04)
+
+
+def test_min_p_drops_tokens_below_min_p_times_max():
+    # 0.2 * 0.40 = 0.08: tokens with 0.40, 0.25, 0.15, 0.10 stay.
+    freq = frequencies(draw_many(SamplingParams(min_p=0.2)))
+    kept = torch.tensor([1, 4, 3, 5])
+    expected = torch.zeros(VOCAB)
+    expected[kept] = PROBS[kept] / PROBS[kept].sum()
+    assert torch.count_nonzero(freq).item() == 4
+    assert torch.allclose(freq, expected, atol=0.04)
+
+
+def test_top_k_keeps_exactly_k_candidates_even_with_ties():
+    freq = frequencies(draw_many(SamplingParams(top_k=3)))
+    assert set(freq.nonzero().flatten().tolist()) == {1, 4, 3}
+    tied = torch.zeros(VOCAB)
+    assert torch.count_nonzero(frequencies(draw_many(SamplingParams(top_k=4), logits=tied))).item() == 4
+
+
+def test_lower_temperature_concentrates_mass():
+    def entropy(temperature):
+        freq = frequencies(draw_many(SamplingParams(temperature=temperature)))
+        return -sum(p * math.log(p) for p in freq.tolist() if p > 0)
+
+    assert entropy(0.3) < entropy(1.0) < entropy(2.0)
+
+
+def test_penalties_transform_logits_exactly():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5]]).expand(4, -1)
+    params = [
+        SamplingParams(repetition_penalty=2.0),
+        SamplingParams(),
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+    ]
+    prompts, outputs = [[0]] * 4, [[1, 1, 3]] * 4  # token 0 seen in the prompt only, 1 twice, 3 once
+    batch = batch_of(params, prompts=prompts, outputs=outputs, vocab=5)
+    got = process_logits(logits, batch)
+    expected = torch.tensor([
+        [1.0, -4.0, 1.0, -2.0, 0.5],  # positive / 2, negative * 2, only for seen tokens
+        [2.0, -2.0, 1.0, -1.0, 0.5],  # no penalties: untouched
+        [2.0, -3.0, 1.0, -1.75, 0.5],  # -0.5 presence, -0.25 per output occurrence; prompt ignored
+        [1.0, -5.0, 1.0, -2.75, 0.5],  # repetition first, then presence and frequency
+    ])
+    assert torch.equal(got, expected)
+    assert torch.equal(logits[0], torch.tensor([2.0, -2.0, 1.0, -1.0, 0.5]))  # caller's logits intact
+    # Greedy sees the penalized logits: repetition 2.5 turns token 0's 2.0 into 0.8, so token 2 (1.0) wins.
+    greedy = sample([SamplingParams(temperature=0, repetition_penalty=2.5)], logits[:1], prompts=[[0]], vocab=5)
+    assert greedy.token_ids.item() == 2
+
+
+def test_logit_bias_forces_and_forbids():
+    torch.manual_seed(0)
+    logits = torch.randn(200, 50)
+    forced = sample([SamplingParams(temperature=1.0, logit_bias={7: 100.0})] * 200, logits, vocab=50)
+    assert (forced.token_ids == 7).all()
+    top = int(LOGITS.argmax())
+    assert sample([SamplingParams(temperature=0, logit_bias={top: -100.0})], LOGITS[None]).token_ids.item() != top
+    assert (draw_many(SamplingParams(logit_bias={top: -100.0})) != top).all()
+
+
+def test_logprobs_are_pre_temperature_log_softmax_and_sorted_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30, dtype=torch.bfloat16)
+    params = [
+        SamplingParams(temperature=0.5, top_k=5, logprobs=3),
+        SamplingParams(temperature=0, logprobs=5, frequency_penalty=1.0),
+        SamplingParams(top_p=0.5),
+        SamplingParams(temperature=2.0, logit_bias={0: 3.0}, logprobs=0),
+    ]
+    batch = batch_of(params, outputs=[[1, 2, 2]] * 4, vocab=30)
+    out = Sampler()(logits, batch)
+    reference = process_logits(logits, batch).log_softmax(-1)  # [4, 30]
+    assert torch.allclose(out.logprobs, reference.gather(-1, out.token_ids[:, None]).squeeze(-1))
+    values, ids = out.top_logprobs
+    assert values.shape == (4, 5)
+    assert (values[:, :-1] >= values[:, 1:]).all()
+    ref_values, ref_ids = reference.topk(5, dim=-1)
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+
+
+@pytest.mark.parametrize("bad", [-1, VOCAB])
+def test_out_of_range_logit_bias_is_rejected_before_the_device(bad):
+    with pytest.raises(ValueError):
+        batch_of([SamplingParams(logit_bias={bad: 1.0})])
