@@ -3,7 +3,7 @@
 The CLI and YAML files map onto these; nothing writes back into them at runtime.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -58,3 +58,22 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 1")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', not {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_options(cls, **options) -> "EngineConfig":
+        """Flat keyword options (as `LLM(...)` and the CLI take them) sorted into their sections."""
+        sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        fields = {name: {} for name in sections}
+        for key, value in options.items():
+            owner = next((name for name, kind in sections.items() if key in kind.__dataclass_fields__), None)
+            if owner is None:
+                raise TypeError(f"unknown engine option {key!r}")
+            fields[owner][key] = value
+        return cls(**{name: kind(**fields[name]) for name, kind in sections.items()})
