@@ -61,6 +61,20 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 8000  # TCP port
+    served_model_name: str | None = None  # the `model` name clients use; None: the checkpoint's name
+    log_level: str = "info"  # debug | info | warning | error
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be in 1..65535")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -12,7 +12,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from llamaserve.config import EngineConfig
-from llamaserve.engine.core import AddRequest, EngineCore, RequestOutput
+from llamaserve.engine.core import EngineCore
+from llamaserve.engine.messages import AddRequest, RequestOutput
 from llamaserve.sampling_params import SamplingParams
 from llamaserve.tokenizer import IncrementalDetokenizer, Tokenizer
 

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from llamaserve.config import EngineConfig
-from llamaserve.engine.core import AddRequest, EngineCore
+from llamaserve.engine.core import EngineCore
+from llamaserve.engine.messages import AddRequest
 from llamaserve.sampling_params import SamplingParams
 from tests.conftest import make_tiny_checkpoint
 

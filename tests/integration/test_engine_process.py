@@ -9,7 +9,8 @@ import pytest
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.client import AsyncEngineClient, EngineDeadError
-from llamaserve.engine.core import AddRequest, EngineCore
+from llamaserve.engine.core import EngineCore
+from llamaserve.engine.messages import AddRequest
 from llamaserve.sampling_params import SamplingParams
 from tests.conftest import make_tiny_checkpoint
 
@@ -67,11 +68,11 @@ def test_leaving_a_stream_early_aborts_the_request(config):
             # The engine keeps serving (its idle integrity check would kill it on a leak).
             tokens, last = await collect(client, "next", PROMPTS[0], SamplingParams(temperature=0, max_tokens=3))
             await asyncio.sleep(0.2)
-            return len(tokens), last.finish_reason, client.is_alive
+            return len(tokens), last.finish_reason, client.is_alive, client.stats.num_running
         finally:
             client.shutdown()
 
-    assert asyncio.run(main()) == (3, "length", True)
+    assert asyncio.run(main()) == (3, "length", True, 0)
 
 
 def test_engine_death_fails_pending_requests_fast(config):

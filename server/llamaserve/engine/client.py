@@ -6,13 +6,14 @@ process dies the pipe closes, and every waiting stream raises EngineDeadError at
 """
 
 import asyncio
+import copy
 import logging
 import multiprocessing as mp
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llamaserve.config import EngineConfig
-from llamaserve.engine.core import AbortRequests, AddRequest, RequestOutput
+from llamaserve.engine.messages import AbortRequests, AddRequest, EngineStats, RequestOutput, StepOutputs
 from llamaserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def run_engine_core(config: EngineConfig, conn) -> None:
                     return
             outputs = refused + (core.step() if core.has_work() else [])
             if outputs:
-                conn.send(outputs)
+                conn.send(StepOutputs(outputs, copy.copy(core.stats)))
     except (EOFError, BrokenPipeError):
         pass  # the client went away: nothing left to serve
 
@@ -82,6 +83,7 @@ class AsyncEngineClient:
         self._conn = conn
         self._streams: dict[str, asyncio.Queue] = {}
         self._dead: EngineDeadError | None = None
+        self.stats = EngineStats()  # as of the latest step
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -114,7 +116,9 @@ class AsyncEngineClient:
     def _on_readable(self) -> None:
         try:
             while self._conn.poll():
-                for output in self._conn.recv():
+                message: StepOutputs = self._conn.recv()
+                self.stats = message.stats
+                for output in message.outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
                         stream.put_nowait(output)

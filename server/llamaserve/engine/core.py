@@ -1,65 +1,15 @@
-"""The engine loop: schedule -> execute -> update, and the messages it exchanges with clients."""
+"""The engine loop: schedule -> execute -> update."""
 
 import logging
-import time
-from dataclasses import dataclass, field
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.block_manager import BlockManager
-from llamaserve.engine.model_runner import ModelRunner, RunnerOutput, TokenLogprobs
+from llamaserve.engine.messages import AddRequest, EngineStats, RequestOutput
+from llamaserve.engine.model_runner import ModelRunner, RunnerOutput
 from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
-from llamaserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AddRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    priority: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class AbortRequests:
-    request_ids: list[str]
-
-
-@dataclass
-class RequestOutput:
-    """What one request gained in one step (all of a step's outputs travel in one message)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
-    logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked for
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    error: str | None = None  # why the engine refused the request (finish_reason "error")
-    # time.monotonic() stamps (the same clock in every process of a host), for latency metrics.
-    arrival_time: float | None = None
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finished_time: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class EngineStats:
-    """Counters since start; cheap to copy."""
-
-    steps: int = 0
-    computed_tokens: int = 0  # tokens the model ran (prefill chunks + decodes)
-    generated_tokens: int = 0
-    preemptions: int = 0
-    prefix_queried_tokens: int = 0
-    prefix_hit_tokens: int = 0
 
 
 class EngineCore:
@@ -114,6 +64,9 @@ class EngineCore:
         s.preemptions += len(step.preempted_ids)
         s.prefix_queried_tokens = self.block_manager.prefix_queries_tokens
         s.prefix_hit_tokens = self.block_manager.prefix_hits_tokens
+        s.num_running = self.scheduler.num_running
+        s.num_waiting = self.scheduler.num_waiting
+        s.kv_cache_usage = self.block_manager.usage
 
     @staticmethod
     def _output(request: Request, result: RunnerOutput | None) -> RequestOutput:

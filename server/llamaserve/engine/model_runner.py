@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from llamaserve.config import EngineConfig
+from llamaserve.engine.messages import TokenLogprobs
 from llamaserve.engine.scheduler import SchedulerOutput
 from llamaserve.model.architecture import ModelArchitecture
 from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
@@ -13,12 +14,6 @@ from llamaserve.model.loader import load_model, parse_dtype, resolve_checkpoint
 from llamaserve.model.sampler import Sampler, SamplingBatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenLogprobs:
-    logprob: float  # of the sampled token
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass

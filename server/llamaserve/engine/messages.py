@@ -1,0 +1,71 @@
+"""Messages between the API process and the engine process (torch-free: the API imports them)."""
+
+import time
+from dataclasses import dataclass, field
+
+from llamaserve.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the sampled token
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class AbortRequests:
+    request_ids: list[str]
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one step (all of a step's outputs travel in one message)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked for
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # why the engine refused the request (finish_reason "error")
+    # time.monotonic() stamps (the same clock in every process of a host), for latency metrics.
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """The engine's counters since start and its load now; travels with every step's outputs."""
+
+    steps: int = 0
+    computed_tokens: int = 0  # tokens the model ran (prefill chunks + decodes)
+    generated_tokens: int = 0
+    preemptions: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks held by requests
+
+
+@dataclass
+class StepOutputs:
+    """One engine step's message: every request's news, and the engine's stats after the step."""
+
+    outputs: list[RequestOutput]
+    stats: EngineStats
