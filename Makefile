@@ -1,10 +1,10 @@
-# llamaserve: `make test` and (with the HTTP issue) `make serve`.
+# llamaserve: `make serve` starts the server on the embedded default model; `make test` runs the suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install serve test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Extra flags: make serve ARGS="--port 9000 --dtype bfloat16"
+serve: $(STAMP)
+	$(VENV)/bin/llamaserve serve $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -16,6 +16,7 @@ class ModelConfig:
     device: str = "cpu"  # torch device of the weights and the KV cache
     chat_template: str | None = None  # built-in name (e.g. "llama-2") or .jinja file; None: the checkpoint's
     cache_dir: Path = Path.home() / ".cache" / "llamaserve"  # converted GGUF checkpoints live here
+    show_progress: bool = False  # a progress bar while the weights load (the server turns it on)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -91,3 +92,25 @@ class EngineConfig:
                 raise TypeError(f"unknown engine option {key!r}")
             fields[owner][key] = value
         return cls(**{name: kind(**fields[name]) for name, kind in sections.items()})
+
+
+def load_config(yaml_path: str | Path | None = None, **overrides) -> tuple[EngineConfig, ServerConfig]:
+    """Defaults, then the YAML file's keys, then `overrides` (the CLI's flags; None means unset).
+
+    YAML keys are the configuration fields by name (model, dtype, max_num_seqs, kv_cache_gib, port, ...);
+    an `architecture:` section documents the model's shape for planning and is not needed to serve.
+    """
+    import yaml
+
+    options = {}
+    if yaml_path is not None:
+        options = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of option: value")
+        options.pop("architecture", None)
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    tp = options.pop("tensor_parallel_size", 1)
+    if tp != 1:
+        raise ValueError(f"tensor_parallel_size {tp}: tensor parallelism is not supported yet")
+    server_fields = {k: options.pop(k) for k in list(options) if k in ServerConfig.__dataclass_fields__}
+    return EngineConfig.from_options(**options), ServerConfig(**server_fields)

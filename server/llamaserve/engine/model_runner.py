@@ -34,7 +34,7 @@ class ModelRunner:
         self.device = torch.device(config.model.device)
         self.dtype = parse_dtype(config.model.dtype)
         self.checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir)
-        self.model = load_model(self.checkpoint, self.dtype, self.device)
+        self.model = load_model(self.checkpoint, self.dtype, self.device, progress=config.model.show_progress)
         self.arch = self.model.arch
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_kv_blocks()

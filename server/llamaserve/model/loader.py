@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from ..config import DTYPES
 from .architecture import ModelArchitecture
@@ -57,6 +58,8 @@ def resolve_checkpoint(model: str | Path | None, cache_dir: Path) -> Path:
         return convert_gguf(path, cache_dir / f"{path.stem}-{key}")
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: pickle checkpoints can run arbitrary code when loaded; convert it to safetensors")
+    if not path.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "/")):
+        return download_from_hub(str(model), cache_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a directory with config.json, or a .gguf file)")
     if not (path / "config.json").exists():
@@ -85,9 +88,7 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     on top of the parameters they are copied into (twice the model while loading); a read holds
     one tensor at a time."""
     with open(file, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
+        header_len, header = _read_header(f)
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             begin, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
@@ -97,20 +98,54 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
+def download_from_hub(repo_id: str, cache_dir: Path) -> Path:
+    """A hub id (e.g. meta-llama/Llama-2-7b-chat-hf) when online: only safetensors, configs, tokenizer."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id, cache_dir=cache_dir / "hub", allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"]
+        )
+    except Exception as e:  # offline, gated, or unknown: say which model and why
+        raise FileNotFoundError(f"{repo_id}: not a local path, and the hub download failed: {e}") from e
+    return resolve_checkpoint(path, cache_dir)
+
+
+def _safetensors_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return sorted(p.name for p in path.glob("*.safetensors"))
+
+
+def _read_header(f) -> tuple[int, dict]:
+    """A safetensors file starts with the length of its JSON header, then the header."""
+    header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return header_len, header
+
+
+def count_tensors(path: Path) -> int:
+    total = 0
+    for file in _safetensors_files(path):
+        with open(path / file, "rb") as f:
+            total += len(_read_header(f)[1])
+    return total
+
+
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """All tensors of a checkpoint directory: `model.safetensors` or the files that
     `model.safetensors.index.json` names."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    for file in files:
+    for file in _safetensors_files(path):
         yield from read_safetensors(path / file)
 
 
 def load_model(
-    checkpoint: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+    checkpoint: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> LlamaForCausalLM:
     checkpoint = Path(checkpoint)
     arch = ModelArchitecture.from_checkpoint(checkpoint)
@@ -120,7 +155,10 @@ def load_model(
         model = LlamaForCausalLM(arch)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
-    model.load_weights(iter_safetensors(checkpoint))
+    tensors = iter_safetensors(checkpoint)
+    if progress:
+        tensors = tqdm(tensors, desc="Loading weights", unit=" tensors", total=count_tensors(checkpoint))
+    model.load_weights(tensors)
     return model.eval()
 
 

@@ -1,0 +1,142 @@
+"""The FastAPI app: lifespan (engine process, tokenizer), thin routes, health and readiness.
+
+If the engine process dies while serving, /health and /ready turn 503, in-flight requests end with
+an error, and the app asks uvicorn to shut down by sending SIGTERM to its own process, with
+`app.state.exit_code` set to 1. uvicorn drains, stops, then re-raises the SIGTERM it caught: under a
+plain `uvicorn.run` the process ends by that signal (status 143 in a shell). A CLI that wants exit
+status 1 installs `signal.signal(signal.SIGTERM, lambda *_: sys.exit(app.state.exit_code))` before
+`uvicorn.run`: uvicorn restores that handler before re-raising, and an ordinary `kill` still exits 0.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+
+from llamaserve.api.errors import APIError, engine_dead, install_error_handlers
+from llamaserve.api.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    Health,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from llamaserve.api.serving import OpenAIServing
+from llamaserve.config import EngineConfig, ServerConfig
+from llamaserve.engine.client import AsyncEngineClient
+from llamaserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503)}
+STREAM_RESPONSE = {"description": "a JSON object, or with `stream: true` server-sent events of chunks",
+                   "content": {"text/event-stream": {}}}
+
+router = APIRouter()
+
+
+def get_serving(raw: Request) -> OpenAIServing:
+    return raw.app.state.serving
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses={**ERROR_RESPONSES, 200: STREAM_RESPONSE})
+async def chat_completions(request: ChatCompletionRequest, raw: Request,
+                           serving: OpenAIServing = Depends(get_serving)) -> Response:
+    return await serving.chat(request, raw)
+
+
+router.add_api_route("/v1/chat", chat_completions, methods=["POST"], include_in_schema=False)  # alias
+
+
+@router.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, 200: STREAM_RESPONSE})
+async def completions(request: CompletionRequest, raw: Request,
+                      serving: OpenAIServing = Depends(get_serving)) -> Response:
+    return await serving.completions(request, raw)
+
+
+@router.get("/v1/models")
+async def models(serving: OpenAIServing = Depends(get_serving)) -> ModelList:
+    return serving.models()
+
+
+@router.post("/tokenize", responses=ERROR_RESPONSES)
+async def tokenize(request: TokenizeRequest, serving: OpenAIServing = Depends(get_serving)) -> TokenizeResponse:
+    return serving.tokenize(request)
+
+
+@router.post("/detokenize", responses=ERROR_RESPONSES)
+async def detokenize(request: DetokenizeRequest, serving: OpenAIServing = Depends(get_serving)) -> DetokenizeResponse:
+    return serving.detokenize(request)
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+async def health(serving: OpenAIServing = Depends(get_serving)) -> Health:
+    """Liveness: the server and its engine process are alive; with the engine's load."""
+    if not serving.client.is_alive:
+        raise engine_dead()
+    stats = serving.client.stats
+    return Health(num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=stats.kv_cache_usage)
+
+
+@router.get("/ready", responses={503: {"model": ErrorResponse}})
+async def ready(raw: Request) -> dict[str, str]:
+    """Readiness: the model is loaded, the engine alive, and the server not shutting down."""
+    state = raw.app.state
+    if state.serving is None or state.draining or not state.serving.client.is_alive:
+        raise APIError(503, "the server is not ready", code="not_ready")
+    return {"status": "ready"}
+
+
+def create_app(engine_config: EngineConfig, server_config: ServerConfig,
+               on_ready: Callable[[str], None] | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine process and calls `on_ready(model_name)` once serving."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = await AsyncEngineClient.start(engine_config)
+        loop = asyncio.get_running_loop()
+        try:
+            tokenizer = Tokenizer.from_checkpoint(client.ready.checkpoint, engine_config.model.chat_template)
+            name = server_config.served_model_name or Path(client.ready.checkpoint).name
+            app.state.serving = OpenAIServing(client, tokenizer, name)
+            # The process sentinel becomes readable when the engine process ends, for whatever reason.
+            loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
+            if on_ready is not None:
+                on_ready(name)
+            yield
+        finally:
+            app.state.draining = True
+            loop.remove_reader(client.process.sentinel)
+            client.shutdown()
+
+    app = FastAPI(title="llamaserve", version=version("llamaserve"), lifespan=lifespan,
+                  description="OpenAI-compatible inference server for Llama-family models")
+    app.state.serving = None
+    app.state.draining = False
+    app.state.exit_code = 0  # 1 once the engine died: see the module docstring
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def _on_engine_exit(app: FastAPI, loop: asyncio.AbstractEventLoop, client: AsyncEngineClient) -> None:
+    loop.remove_reader(client.process.sentinel)
+    if app.state.draining:
+        return
+    log.error("the engine process died (exit code %s); shutting the server down", client.process.exitcode)
+    app.state.draining = True
+    app.state.exit_code = 1
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown: in-flight requests end first

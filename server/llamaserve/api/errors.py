@@ -1,0 +1,105 @@
+"""Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+Bad input is a 400 that names the parameter (FastAPI's 422 is overridden), an unknown model a 404,
+a dead engine a 503; anything unexpected is logged here and answered with a bare 500, never a trace.
+"""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from llamaserve.api.protocol import ErrorInfo, ErrorResponse
+from llamaserve.engine.client import EngineDeadError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def info(self) -> ErrorInfo:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def engine_dead() -> APIError:
+    return APIError(503, "the inference engine is not running", code="engine_dead")
+
+
+def internal_error() -> APIError:
+    return APIError(500, "internal server error", code="internal_error")
+
+
+def as_api_error(error: Exception) -> APIError:
+    """The APIError a failure maps to; unexpected ones are logged with their traceback here."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, EngineDeadError):
+        return engine_dead()
+    log.error("unexpected error while serving a request", exc_info=error)
+    return internal_error()
+
+
+def _param(loc: tuple) -> str | None:
+    """'messages.0.content' from a pydantic location, without its leading 'body' and without the tags
+    pydantic adds for union members ('str', 'list[int]', 'TextPart')."""
+    parts = []
+    for part in loc[1:]:
+        if isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool")):
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    # A union reports one error per member; the deepest one is the most specific.
+    error = max(exc.errors(), key=lambda e: len(e["loc"]))
+    param = _param(tuple(error["loc"]))
+    if error["type"] == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
+        return bad_request(f"The request body is not valid JSON: {detail}".rstrip(": "))
+    if param is None:
+        return bad_request("The request body must be a JSON object (sent with Content-Type: application/json)")
+    if error["type"] == "missing":
+        return bad_request(f"Missing required parameter: '{param}'", param)
+    return bad_request(f"Invalid value for '{param}': {error['msg']}", param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    async def on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return engine_dead().response()
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return internal_error().response()  # Starlette re-raises it after this, so uvicorn logs the trace
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(EngineDeadError, on_engine_dead)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

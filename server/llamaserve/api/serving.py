@@ -1,0 +1,395 @@
+"""Chat and completions: requests turned into engine requests, engine outputs into OpenAI responses.
+
+Each choice is one engine request. Its token ids are detokenized incrementally and cut at stop
+strings here, in the API process, into `ChoiceDelta`s; the streaming and the non-streaming paths
+format the same deltas, so they cannot disagree on the text.
+"""
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import TypeVar
+
+from fastapi import Request, Response
+from pydantic import BaseModel
+
+from llamaserve.api.errors import APIError, bad_request, engine_dead
+from llamaserve.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TopLogprob,
+    Usage,
+)
+from llamaserve.api.streaming import StopStringMatcher, event_stream, merge, sse_event
+from llamaserve.engine.client import AsyncEngineClient
+from llamaserve.engine.messages import TokenLogprobs
+from llamaserve.sampling_params import SamplingParams
+from llamaserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+# Stable for one build of the server: clients may compare it to notice a server change.
+SYSTEM_FINGERPRINT = "fp_" + hashlib.sha256(f"llamaserve {version('llamaserve')}".encode()).hexdigest()[:10]
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+T = TypeVar("T")
+
+
+@dataclass
+class ChoiceRequest:
+    """One choice of a response, and the engine request behind it."""
+
+    index: int  # the choice's index in the response
+    prompt_index: int  # which prompt of a batched completions request
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class ChoiceDelta:
+    """What one engine step added to one choice."""
+
+    index: int
+    prompt_index: int
+    text: str  # releasable text: stop strings and their held-back beginnings excluded
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    text_offset: int  # where these tokens' text starts in the choice's decoded text
+    finish_reason: str | None  # "stop" | "length" on a choice's last delta
+    num_cached_tokens: int
+
+
+class UsageCounter:
+    """Prompt tokens count once per prompt, however many choices share it (as OpenAI bills them)."""
+
+    def __init__(self, choices: Sequence[ChoiceRequest]):
+        self._prompt_tokens = {c.prompt_index: len(c.prompt_ids) for c in choices}
+        self._cached_tokens = dict.fromkeys(self._prompt_tokens, 0)
+        self._completion_tokens = 0
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self._completion_tokens += len(delta.token_ids)
+        self._cached_tokens[delta.prompt_index] = max(self._cached_tokens[delta.prompt_index], delta.num_cached_tokens)
+
+    def usage(self) -> Usage:
+        prompt_tokens = sum(self._prompt_tokens.values())
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            total_tokens=prompt_tokens + self._completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached_tokens.values())),
+        )
+
+
+class OpenAIServing:
+    def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str):
+        self.client = client
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = client.ready.max_model_len
+        self.created = int(time.time())
+
+    # ---- endpoints --------------------------------------------------------------------------
+
+    async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        self._check_serving(request.model)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        prompt_ids = self._chat_prompt(request.messages)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        choices = self._choices(request, [prompt_ids], logprobs, prompt_param="messages")
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse_event(ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
+                                                 system_fingerprint=SYSTEM_FINGERPRINT, choices=choices, usage=usage))
+
+        async def events() -> AsyncIterator[str]:
+            for c in choices:  # the role comes first, before any text
+                yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
+            usage = UsageCounter(choices)
+            async for d in self._generate(response_id, choices, request.priority):
+                usage.add(d)
+                if d.text or d.logprobs or d.finish_reason:
+                    lp = self._chat_logprobs([d]) if logprobs is not None else None
+                    choice = ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text or None), logprobs=lp,
+                                             finish_reason=d.finish_reason)
+                    yield chunk([choice])
+            if request.include_usage:
+                yield chunk([], usage.usage())
+
+        if request.stream:
+            return event_stream(events())
+        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority))
+        return json_response(ChatCompletion(
+            id=response_id, created=created, model=self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[
+                ChatChoice(index=i, message=AssistantMessage(content="".join(d.text for d in ds)),
+                           logprobs=self._chat_logprobs(ds) if logprobs is not None else None,
+                           finish_reason=ds[-1].finish_reason)
+                for i, ds in deltas.items()
+            ],
+            usage=usage,
+        ))
+
+    async def completions(self, request: CompletionRequest, raw: Request) -> Response:
+        self._check_serving(request.model)
+        choices = self._choices(request, self._completion_prompts(request.prompt), request.logprobs, "prompt")
+        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+            return Completion(id=response_id, created=created, model=self.model_name,
+                              system_fingerprint=SYSTEM_FINGERPRINT, choices=choices, usage=usage)
+
+        def logprobs(deltas: list[ChoiceDelta]) -> CompletionLogprobs | None:
+            return self._completion_logprobs(deltas) if request.logprobs is not None else None
+
+        async def events() -> AsyncIterator[str]:
+            usage = UsageCounter(choices)
+            async for d in self._generate(response_id, choices, request.priority):
+                usage.add(d)
+                if d.text or d.logprobs or d.finish_reason:
+                    choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs([d]),
+                                              finish_reason=d.finish_reason)
+                    yield sse_event(completion([choice]))
+            if request.include_usage:
+                yield sse_event(completion([], usage.usage()))
+
+        if request.stream:
+            return event_stream(events())
+        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority))
+        return json_response(completion(
+            [CompletionChoice(index=i, text="".join(d.text for d in ds), logprobs=logprobs(ds),
+                              finish_reason=ds[-1].finish_reason) for i, ds in deltas.items()],
+            usage,
+        ))
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)])
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self._check_serving(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise bad_request("give either 'prompt' or 'messages'", "prompt")
+        if request.messages is not None:
+            ids = self._chat_prompt(request.messages, request.add_generation_prompt)
+        else:
+            ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_serving(request.model)
+        self._check_token_ids(request.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens, skip_special_tokens=False))
+
+    # ---- requests -> engine requests --------------------------------------------------------
+
+    def _check_serving(self, model: str | None) -> None:
+        """The engine is alive and `model` (if given) is the served one."""
+        if not self.client.is_alive:  # before a stream starts, so a dead engine is a 503, not an error event
+            raise engine_dead()
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                           "model", "model_not_found")
+
+    def _chat_prompt(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        try:
+            return self.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages],
+                                                      add_generation_prompt)
+        except ValueError as e:  # ChatTemplateError: roles out of order, unsupported content, ...
+            raise bad_request(str(e), "messages") from None
+
+    def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.tokenizer.encode(prompt)]
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        if isinstance(prompt[0], str):
+            return [self.tokenizer.encode(p) for p in prompt]
+        return [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.client.ready.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise bad_request(f"token ids must be in [0, {vocab})", param)
+
+    def _max_tokens(self, num_prompt_tokens: int, requested: int | None, prompt_param: str) -> int:
+        """max_tokens checked against the context; when omitted, whatever room the context leaves."""
+        limit, room = self.max_model_len, self.max_model_len - num_prompt_tokens
+        if num_prompt_tokens == 0:
+            raise bad_request("the prompt has no tokens", prompt_param)
+        if requested is None and room < 1:
+            raise bad_request(f"This model's maximum context length is {limit} tokens, and the prompt has "
+                              f"{num_prompt_tokens}: no room is left for a completion", prompt_param,
+                              "context_length_exceeded")
+        max_tokens = room if requested is None else requested
+        if max_tokens > room:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
+                              f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                              f"{max_tokens} for the completion). Reduce the prompt or max_tokens.",
+                              "max_tokens", "context_length_exceeded")
+        # The engine refuses a request that could outgrow the whole KV cache; say so before streaming.
+        ready = self.client.ready
+        blocks = -(-(num_prompt_tokens + max_tokens - 1) // ready.block_size)
+        if blocks > ready.num_kv_blocks:
+            raise bad_request(f"the prompt ({num_prompt_tokens} tokens) with max_tokens {max_tokens} may need "
+                              f"{blocks} KV cache blocks but the cache holds {ready.num_kv_blocks}; lower max_tokens",
+                              "max_tokens")
+        return max_tokens
+
+    def _choices(self, request: SamplingRequest, prompts: list[list[int]], logprobs: int | None,
+                 prompt_param: str) -> list[ChoiceRequest]:
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        logit_bias = self._logit_bias(request.logit_bias or {})
+        choices = []
+        for p, prompt_ids in enumerate(prompts):
+            self._check_token_ids(prompt_ids, prompt_param)
+            max_tokens = self._max_tokens(len(prompt_ids), request.max_completion_tokens or request.max_tokens,
+                                          prompt_param)
+            for j in range(request.n):
+                try:
+                    params = SamplingParams(
+                        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                        min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+                        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                        logit_bias=logit_bias,
+                        seed=None if request.seed is None else request.seed + j,  # choices differ, reproducibly
+                        max_tokens=max_tokens, stop=tuple(stop), stop_token_ids=tuple(request.stop_token_ids or ()),
+                        ignore_eos=request.ignore_eos, logprobs=logprobs,
+                    )
+                except ValueError as e:  # its messages start with the field's name
+                    raise bad_request(str(e), str(e).split()[0]) from None
+                choices.append(ChoiceRequest(len(choices), p, prompt_ids, params))
+        return choices
+
+    def _logit_bias(self, bias: dict[str, float]) -> dict[int, float]:
+        try:
+            parsed = {int(token): value for token, value in bias.items()}
+        except ValueError:
+            raise bad_request("logit_bias keys must be token ids", "logit_bias") from None
+        self._check_token_ids(list(parsed), "logit_bias")
+        if any(not -100 <= v <= 100 for v in parsed.values()):
+            raise bad_request("logit_bias values must be in [-100, 100]", "logit_bias")
+        return parsed
+
+    # ---- engine outputs -> deltas -----------------------------------------------------------
+
+    def _generate(self, response_id: str, choices: list[ChoiceRequest], priority: int) -> AsyncIterator[ChoiceDelta]:
+        return merge([self._run_choice(f"{response_id}-{c.index}", c, priority) for c in choices])
+
+    async def _run_choice(self, request_id: str, choice: ChoiceRequest, priority: int) -> AsyncIterator[ChoiceDelta]:
+        params = choice.params
+        detokenizer = IncrementalDetokenizer(self.tokenizer, choice.prompt_ids, params.skip_special_tokens)
+        matcher = StopStringMatcher(params.stop)
+        decoded_len = 0  # characters decoded so far, held-back ones included (logprob text offsets)
+        async with aclosing(self.client.generate(request_id, choice.prompt_ids, params, priority)) as outputs:
+            async for out in outputs:  # leaving this loop early aborts the engine request
+                if out.finish_reason == "error":  # the engine refused the request
+                    raise bad_request(out.error or "the engine refused the request")
+                if out.finish_reason == "abort":
+                    raise RuntimeError(f"the engine aborted request {request_id}")
+                # No flush at the end: a character cut by max_tokens is dropped rather than sent as U+FFFD.
+                decoded = detokenizer.push(out.new_token_ids)
+                text = matcher.push(decoded)
+                finish_reason = "stop" if matcher.stopped else out.finish_reason
+                if finish_reason is not None and not matcher.stopped:
+                    text += matcher.flush()
+                yield ChoiceDelta(choice.index, choice.prompt_index, text, out.new_token_ids, out.logprobs,
+                                  decoded_len, finish_reason, out.num_cached_tokens)
+                decoded_len += len(decoded)
+                if finish_reason is not None:
+                    return
+
+    async def _collect(self, response_id: str, choices: list[ChoiceRequest],
+                       priority: int) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
+        deltas: dict[int, list[ChoiceDelta]] = {c.index: [] for c in choices}
+        usage = UsageCounter(choices)
+        async with aclosing(self._generate(response_id, choices, priority)) as stream:
+            async for d in stream:
+                deltas[d.index].append(d)
+                usage.add(d)
+        return deltas, usage.usage()
+
+    # ---- logprobs ---------------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        # A token holding part of a UTF-8 character decodes to U+FFFD, as in vLLM; `bytes` then carries
+        # that character's bytes, not the token's raw bytes.
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprobs(self, deltas: list[ChoiceDelta]) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            text = self._token_text(token_id)
+            return TopLogprob(token=text, logprob=max(logprob, MIN_LOGPROB), bytes=list(text.encode()))
+
+        content = []
+        for d in deltas:
+            for token_id, lp in zip(d.token_ids, d.logprobs or ()):
+                sampled = top(token_id, lp.logprob)
+                content.append(ChatTokenLogprob(**sampled.model_dump(), top_logprobs=[top(t, v) for t, v in lp.top]))
+        return ChatLogprobs(content=content)
+
+    def _completion_logprobs(self, deltas: list[ChoiceDelta]) -> CompletionLogprobs:
+        result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for d in deltas:
+            offset = d.text_offset
+            for token_id, lp in zip(d.token_ids, d.logprobs or ()):
+                text = self._token_text(token_id)
+                result.tokens.append(text)
+                result.token_logprobs.append(max(lp.logprob, MIN_LOGPROB))
+                result.top_logprobs.append({self._token_text(t): max(v, MIN_LOGPROB) for t, v in lp.top})
+                result.text_offset.append(offset)
+                offset += len(text)
+        return result
+
+
+# ---- HTTP plumbing ----------------------------------------------------------------------------
+
+
+def json_response(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+async def cancel_on_disconnect(raw: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it (and so aborting its engine requests) if the client goes away first:
+    Starlette does not cancel a plain route when its client disconnects."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(_disconnected(raw))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise APIError(499, "the client closed the connection")  # nobody reads it: for the access log
+    return task.result()
+
+
+async def _disconnected(raw: Request) -> None:
+    # The body was read already, so the next ASGI message is the disconnect.
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass

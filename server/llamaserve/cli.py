@@ -1,0 +1,81 @@
+"""`llamaserve serve`: the OpenAI-compatible server. `llamaserve --help` documents every flag."""
+
+import argparse
+import signal
+import sys
+
+
+def add_serve_parser(subcommands) -> None:
+    p = subcommands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a Llama-family model over an OpenAI-compatible HTTP API. Flags override the "
+        "--config YAML file, which overrides the defaults.",
+    )
+    p.add_argument("--model", help="checkpoint directory (config.json + safetensors) or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--config", help="deployment YAML (configs/*.yaml): option: value per line")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint's name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight and KV dtype (default float32)")
+    p.add_argument("--device", help="torch device for weights and KV cache (default cpu; e.g. cuda)")
+    p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default 2048)")
+    p.add_argument("--max-num-seqs", type=int, help="requests in one engine step (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens in one engine step; longer prompts are prefilled in chunks (default 512)")
+    p.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU in GiB (default 1)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="on GPU: fraction of device memory for weights, activations and KV cache (default 0.9)")
+    p.add_argument("--block-size", type=int, help="tokens per KV cache block (default 16)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="do not reuse the KV of shared prompt prefixes")
+    p.add_argument("--policy", choices=["fcfs", "priority"], help="admission order (default fcfs)")
+    p.add_argument("--chat-template", help="built-in template name (llama-2) or a .jinja file "
+                   "(default: the checkpoint's own)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from llamaserve.config import load_config
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    options["show_progress"] = True
+    try:
+        engine_config, server_config = load_config(args.config, **options)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"llamaserve: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from llamaserve.api.app import create_app
+
+    url = f"http://{server_config.host}:{server_config.port}"
+
+    def on_ready(model_name: str) -> None:
+        print(
+            f"\nllamaserve is ready: {url} serving {model_name!r}\n\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"What is the capital of France?\"}}]}}'\n",
+            flush=True,
+        )
+
+    app = create_app(engine_config, server_config, on_ready=on_ready)
+    # The app answers an engine death with SIGTERM and exit_code 1 (see llamaserve.api.app); uvicorn
+    # drains, restores this handler and re-raises, so the process exits with that code.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(app.state.exit_code))
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level)
+    return app.state.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamaserve", description="An inference server for Llama-family models.")
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(subcommands)
+    args = parser.parse_args(argv)
+    return {"serve": serve}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Configuration: defaults < YAML < CLI flags; bad values refused with clear messages."""
+
+from pathlib import Path
+
+import pytest
+
+from llamaserve.cli import main
+from llamaserve.config import CacheConfig, EngineConfig, SchedulerConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text("dtype: bfloat16\nmax_num_seqs: 8\nport: 9000\nkv_cache_gib: 2\n")
+    engine, server = load_config(path, max_num_seqs=4, port=None, host="0.0.0.0")
+    assert engine.model.dtype == "bfloat16" and engine.cache.kv_cache_gib == 2
+    assert engine.scheduler.max_num_seqs == 4  # the flag wins
+    assert server.port == 9000 and server.host == "0.0.0.0"  # an unset flag (None) keeps the YAML value
+    assert engine.scheduler.max_num_batched_tokens == SchedulerConfig().max_num_batched_tokens
+
+
+def test_llama2_deployment_configs_load():
+    engine, _ = load_config(CONFIGS / "llama-2-7b-chat.yaml")
+    assert engine.model.model == "meta-llama/Llama-2-7b-chat-hf" and engine.model.chat_template == "llama-2"
+    assert engine.scheduler.max_model_len == 4096 and engine.model.dtype == "float16"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"dtype": "float8"}, "dtype"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"kv_cache_gib": -1}, "kv_cache_gib"),
+        ({"policy": "lifo"}, "policy"),
+        ({"port": 70000}, "port"),
+        ({"tensor_parallel_size": 2}, "tensor parallelism"),
+    ],
+)
+def test_bad_values_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, **options)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match="unknown engine option 'max_seqs'"):
+        EngineConfig.from_options(max_seqs=3)
+    assert CacheConfig(block_size=32).block_size == 32
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
+    assert main(["serve", "--max-num-seqs", "0"]) == 2
+    assert "max_num_seqs must be >= 1" in capsys.readouterr().err
