@@ -15,7 +15,7 @@ from llamaserve.config import EngineConfig
 from llamaserve.engine.core import EngineCore
 from llamaserve.engine.messages import AddRequest, RequestOutput
 from llamaserve.sampling_params import SamplingParams
-from llamaserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from llamaserve.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
 @dataclass
@@ -29,27 +29,24 @@ class GenerationResult:
 
 
 class _Pending:
-    """A request being generated: its result so far and the text machinery around it."""
+    """A request being generated: its result so far, its detokenizer and stop strings."""
 
     def __init__(self, result: GenerationResult, params: SamplingParams, tokenizer: Tokenizer):
         self.result = result
-        self.params = params
         self.detokenizer = IncrementalDetokenizer(tokenizer, result.prompt_token_ids, params.skip_special_tokens)
+        self.stop = StopStringMatcher(params.stop)
 
     def add(self, output: RequestOutput) -> bool:
         """Take one step's output; True when the result is complete (a stop string counts)."""
         self.result.token_ids += output.new_token_ids
         self.result.num_cached_tokens = output.num_cached_tokens
-        searched_from = max(0, len(self.result.text) - max((len(s) for s in self.params.stop), default=0))
-        self.result.text += self.detokenizer.push(output.new_token_ids)
-        if output.finished:
-            self.result.text += self.detokenizer.flush()
-        hits = [i for i in (self.result.text.find(s, searched_from) for s in self.params.stop) if i >= 0]
-        if hits:
-            self.result.text = self.result.text[: min(hits)]
+        self.result.text += self.stop.push(self.detokenizer.push(output.new_token_ids))
+        if self.stop.stopped:
             self.result.finish_reason = "stop"
             return True
-        self.result.finish_reason = output.finish_reason
+        if output.finished:
+            self.result.text += self.stop.flush()
+            self.result.finish_reason = output.finish_reason
         return output.finished
 
 

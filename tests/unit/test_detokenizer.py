@@ -145,12 +145,3 @@ def test_cost_per_token_is_bounded_by_the_window(tokenizer):
     deltas = stream(IncrementalDetokenizer(recorder, prompt_token_ids=prompt), output)
     assert "".join(deltas) == tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt)) :]
     assert max(recorder.lengths) <= 8  # a character is at most 4 byte tokens, plus the previous chunk
-
-
-def test_flush_returns_a_truncated_character(tmp_path):
-    tokenizer = Tokenizer.from_checkpoint(make_sentencepiece_checkpoint(tmp_path))
-    ids = tokenizer.encode("ok 你", add_special_tokens=False)[:-1]  # generation stopped mid-character
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    deltas = stream(detokenizer, ids)
-    assert "".join(deltas) == "ok "
-    assert "".join(deltas) + detokenizer.flush() == tokenizer.decode(ids)

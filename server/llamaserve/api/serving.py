@@ -44,11 +44,11 @@ from llamaserve.api.protocol import (
     TopLogprob,
     Usage,
 )
-from llamaserve.api.streaming import StopStringMatcher, event_stream, merge, sse_event
+from llamaserve.api.streaming import event_stream, merge, sse_event
 from llamaserve.engine.client import AsyncEngineClient
 from llamaserve.engine.messages import TokenLogprobs
 from llamaserve.sampling_params import SamplingParams
-from llamaserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from llamaserve.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 # Stable for one build of the server: clients may compare it to notice a server change.
 SYSTEM_FINGERPRINT = "fp_" + hashlib.sha256(f"llamaserve {version('llamaserve')}".encode()).hexdigest()[:10]

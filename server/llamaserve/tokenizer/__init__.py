@@ -8,12 +8,14 @@ from .chat_template import (
     render_chat_template,
 )
 from .detokenizer import IncrementalDetokenizer
+from .stop_strings import StopStringMatcher
 from .tokenizer import Tokenizer
 
 __all__ = [
     "BUILTIN_TEMPLATES",
     "ChatTemplateError",
     "IncrementalDetokenizer",
+    "StopStringMatcher",
     "Tokenizer",
     "load_chat_template",
     "normalize_messages",

@@ -52,13 +52,6 @@ class IncrementalDetokenizer:
             self._sent = end
         return delta
 
-    def flush(self) -> str:
-        """Text still held back: an incomplete character at the very end (rendered as U+FFFD), as when
-        generation stops mid-character. Only needed to match `decode()` of such a truncated output."""
-        text = self._decode_window()
-        delta, self._sent = text[self._sent :], len(text)
-        return delta
-
     def _decode_window(self) -> str:
         return self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=self._skip_special_tokens)
 
