@@ -77,13 +77,19 @@ class _Group:
 
     token_index: torch.Tensor  # [G, max_q] long: flat token of each query row (0 where padded)
     token_valid: torch.Tensor  # [G, max_q] bool
-    kv_slots: torch.Tensor  # [G, max_ctx] long: cache slot of each context position (0 where padded)
-    mask: torch.Tensor  # [G, 1, max_q * queries_per_kv, max_ctx] bool: True = may attend
+    block_tables: torch.Tensor  # [G, max_blocks] long: each sequence's cache blocks (0 where padded)
+    mask: torch.Tensor  # [G, 1, max_q * queries_per_kv, max_blocks * block_size] bool: True = may attend
+
+
+# Decodes are bucketed by context length so that short contexts are not padded to the longest:
+# a new bucket starts when a context exceeds the bucket's shortest by this factor.
+DECODE_BUCKET_RATIO = 1.5
 
 
 class TorchAttentionBackend:
-    """Reference backend in plain torch (CPU and GPU). All decodes of a step share one SDPA call; each
-    prefill chunk gets its own, so a long prompt never pads the decodes to its length."""
+    """Reference backend in plain torch (CPU and GPU). Decodes of similar context length share one
+    SDPA call; each prefill chunk gets its own, so a long prompt never pads the decodes to its length.
+    K/V are gathered a whole block at a time: contiguous copies of block_size tokens."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         self.num_heads = num_heads
@@ -97,33 +103,35 @@ class TorchAttentionBackend:
         for q in meta.query_lens:
             starts.append(offset)
             offset += q
-        decodes = [i for i, q in enumerate(meta.query_lens) if q == 1]
         prefills = [[i] for i, q in enumerate(meta.query_lens) if q > 1]
-        groups = ([decodes] if decodes else []) + prefills
+        buckets: list[list[int]] = []  # decodes, shortest context first
+        for i in sorted((i for i, q in enumerate(meta.query_lens) if q == 1), key=meta.seq_lens.__getitem__):
+            if not buckets or meta.seq_lens[i] > DECODE_BUCKET_RATIO * meta.seq_lens[buckets[-1][0]]:
+                buckets.append([])
+            buckets[-1].append(i)
         device = meta.slot_mapping.device
-        return [self._group(meta, members, starts, device) for members in groups]
+        return [self._group(meta, members, starts, device) for members in prefills + buckets]
 
     def _group(self, meta: AttentionMetadata, members: list[int], starts: list[int], device) -> _Group:
+        bs = meta.block_size
         max_q = max(meta.query_lens[i] for i in members)
-        max_ctx = max(meta.seq_lens[i] for i in members)
+        max_blocks = max((meta.seq_lens[i] + bs - 1) // bs for i in members)
         q_range = torch.arange(max_q)
-        ctx_range = torch.arange(max_ctx)
+        ctx_range = torch.arange(max_blocks * bs)
         query_lens = torch.tensor([meta.query_lens[i] for i in members])
         seq_lens = torch.tensor([meta.seq_lens[i] for i in members])
         token_valid = q_range[None, :] < query_lens[:, None]  # [G, max_q]
         token_index = torch.where(token_valid, torch.tensor([starts[i] for i in members])[:, None] + q_range, 0)
-        # Query row r of a sequence sits at absolute position seq_len - query_len + r (causal limit).
+        # Query row r of a sequence sits at absolute position seq_len - query_len + r (causal limit);
+        # that also hides the unused tail of its last block and padded blocks.
         last_visible = (seq_lens - query_lens)[:, None] + q_range[None, :]  # [G, max_q]
         mask = ctx_range[None, None, :] <= last_visible[:, :, None]  # [G, max_q, max_ctx]
         mask = mask.repeat_interleave(self.queries_per_kv, dim=1)[:, None]
-        bs = meta.block_size
-        tables = torch.zeros(len(members), (max_ctx + bs - 1) // bs, dtype=torch.long)
+        tables = torch.zeros(len(members), max_blocks, dtype=torch.long)
         for row, i in enumerate(members):
             blocks = meta.block_tables[i][: (meta.seq_lens[i] + bs - 1) // bs]
             tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        kv_slots = tables[:, ctx_range // bs] * bs + ctx_range % bs
-        kv_slots = torch.where(ctx_range[None, :] < seq_lens[:, None], kv_slots, 0)
-        return _Group(*(t.to(device, non_blocking=True) for t in (token_index, token_valid, kv_slots, mask)))
+        return _Group(*(t.to(device, non_blocking=True) for t in (token_index, token_valid, tables, mask)))
 
     def forward(
         self,
@@ -144,8 +152,9 @@ class TorchAttentionBackend:
             # Stack each KV head's query heads along the query axis: no K/V repetition for GQA.
             qg = q[g.token_index].view(num_seqs, max_q, self.num_kv_heads, self.queries_per_kv, self.head_dim)
             qg = qg.permute(0, 2, 1, 3, 4).reshape(num_seqs, self.num_kv_heads, -1, self.head_dim)
-            kg = k_flat[g.kv_slots].transpose(1, 2)  # [G, num_kv_heads, max_ctx, head_dim]
-            vg = v_flat[g.kv_slots].transpose(1, 2)
+            # [G, max_blocks, block_size, num_kv_heads, head_dim] -> [G, num_kv_heads, max_ctx, head_dim]
+            kg = kv_cache[0][g.block_tables].flatten(1, 2).transpose(1, 2)
+            vg = kv_cache[1][g.block_tables].flatten(1, 2).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
             og = og.view(num_seqs, self.num_kv_heads, max_q, self.queries_per_kv, self.head_dim)
             og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs, max_q, self.num_heads, self.head_dim)
