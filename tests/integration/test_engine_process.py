@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -76,12 +77,23 @@ def test_leaving_a_stream_early_aborts_the_request(config):
 
 
 def test_engine_death_fails_pending_requests_fast(config):
+    # Room for long generations, so the requests are surely still running when the engine dies.
+    config = replace(config, cache=replace(config.cache, num_blocks=8192),
+                     scheduler=replace(config.scheduler, max_model_len=8192))
+    params = SamplingParams(temperature=0, max_tokens=8000, ignore_eos=True)
+
     async def main():
         client = await AsyncEngineClient.start(config)
+        streaming = asyncio.Event()
+
+        async def consume(request_id):
+            async for output in client.generate(request_id, [5, 6, 7], params):
+                if output.new_token_ids:
+                    streaming.set()
+
         try:
-            params = SamplingParams(temperature=0, max_tokens=250, ignore_eos=True)
-            tasks = [asyncio.create_task(collect(client, str(i), [5, 6, 7], params)) for i in range(3)]
-            await asyncio.sleep(0.3)
+            tasks = [asyncio.create_task(consume(str(i))) for i in range(3)]
+            await asyncio.wait_for(streaming.wait(), timeout=30)
             os.kill(client.process.pid, signal.SIGKILL)
             killed = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=5)
