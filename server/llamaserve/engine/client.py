@@ -140,9 +140,9 @@ class AsyncEngineClient:
             raise self._dead
         try:
             self._conn.send(message)
-        except (BrokenPipeError, OSError):
+        except (BrokenPipeError, OSError) as e:
             self._engine_died()
-            raise self._dead
+            raise self._dead from e
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams, priority: int = 0

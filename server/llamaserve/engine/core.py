@@ -1,16 +1,11 @@
 """The engine loop: schedule -> execute -> update."""
 
-import logging
-
 from llamaserve.config import EngineConfig
 from llamaserve.engine.block_manager import BlockManager
 from llamaserve.engine.messages import AddRequest, EngineStats, RequestOutput
 from llamaserve.engine.model_runner import ModelRunner, RunnerOutput
 from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
-
-log = logging.getLogger(__name__)
-
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
