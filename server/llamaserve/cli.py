@@ -69,12 +69,49 @@ def serve(args: argparse.Namespace) -> int:
     return app.state.exit_code
 
 
+def add_plan_parser(subcommands) -> None:
+    p = subcommands.add_parser(
+        "plan",
+        help="print each tensor-parallel rank's weight and KV cache memory",
+        description="Print, per tensor-parallel rank, the weight bytes, the KV bytes per token and how many "
+        "KV tokens and full-length sequences fit, computed from the --config YAML's architecture "
+        "(formulas: llamaserve.plan). Exits 1 when the weights do not fit.",
+    )
+    p.add_argument("--config", required=True, help="deployment YAML with an `architecture:` section")
+    p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU in GiB")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV cache (default 0.9)")
+    p.add_argument("--tensor-parallel-size", type=int, help="ranks (default: the YAML's tensor_parallel_size)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the YAML's dtype")
+    p.add_argument("--max-model-len", type=int, help="tokens of one sequence (default: the YAML's max_model_len)")
+
+
+def plan(args: argparse.Namespace) -> int:
+    from llamaserve.plan import format_plan, plan_deployment
+
+    try:
+        rank_plan = plan_deployment(
+            args.config,
+            gpu_memory_gib=args.gpu_memory_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+        )
+    except (ValueError, KeyError, OSError) as e:
+        print(f"llamaserve: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(rank_plan, args.gpu_memory_gib))
+    return 0 if rank_plan.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamaserve", description="An inference server for Llama-family models.")
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subcommands)
+    add_plan_parser(subcommands)
     args = parser.parse_args(argv)
-    return {"serve": serve}[args.command](args)
+    return {"serve": serve, "plan": plan}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,34 @@ class MergedLinear(nn.Linear):
         self.weight.data[offset : offset + size].copy_(tensor)
 
 
+class PackedLinear(nn.Module):
+    """A bias-free linear layer whose weight oneDNN has reordered, once, into its own blocked layout.
+
+    On CPU its GEMM is 2-3x faster than nn.Linear's (MKL) at decode batch sizes (measured on this
+    project's 2-core EPYC: 30 layers of SmolLM2 at 16 rows, 33 ms -> 11 ms in float32), and a row's
+    result does not depend on the rows beside it."""
+
+    BATCH_SIZE_HINT = 64  # the layout is tuned for about this many rows
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_SIZE_HINT)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+def pack_linears_for_cpu(model: nn.Module) -> None:
+    """Swap every loaded nn.Linear (fused ones included) for a PackedLinear, where oneDNN serves the dtype."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+             and module.bias is None and module.weight.dtype in (torch.float32, torch.bfloat16)]
+    for name in names:  # one at a time, so each original weight is freed once its packed copy exists
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, PackedLinear(getattr(parent, attr).weight))
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ModelArchitecture, backend: TorchAttentionBackend):
         super().__init__()

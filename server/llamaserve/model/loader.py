@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..config import DTYPES
 from .architecture import ModelArchitecture
-from .llama import LlamaForCausalLM
+from .llama import LlamaForCausalLM, pack_linears_for_cpu
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,8 @@ def load_model(
     if progress:
         tensors = tqdm(tensors, desc="Loading weights", unit=" tensors", total=count_tensors(checkpoint))
     model.load_weights(tensors)
+    if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
+        pack_linears_for_cpu(model)
     return model.eval()
 
 

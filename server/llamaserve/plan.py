@@ -1,0 +1,207 @@
+"""Memory plan of a tensor-parallel deployment: what each rank holds and how much KV cache fits.
+
+`llamaserve plan --config configs/llama-2-70b-chat.yaml --gpu-memory-gib 80` prints it. The plan is
+arithmetic on the deployment YAML's `architecture:` section; nothing is downloaded or allocated. With
+`tp` the tensor-parallel size, `d` the dtype's bytes per element (float16/bfloat16: 2, float32: 4),
+`H` hidden_size, `I` intermediate_size, `L` num_hidden_layers, `V` vocab_size, `h` head_dim:
+
+Heads per rank
+    q_heads = num_attention_heads / tp (tp must divide it).
+    kv_heads = num_key_value_heads / tp when tp divides num_key_value_heads; when tp exceeds them
+    (tp a multiple of num_key_value_heads) each KV head is replicated on tp / num_key_value_heads
+    ranks and every rank holds kv_heads = 1. Any other tp is an error.
+
+Weight bytes per rank = d × params per rank, where every weight is sharded except the RMSNorm weights:
+    embedding      = ceil(V / tp) × H   (the vocabulary is padded up to a multiple of tp)
+    lm_head        = ceil(V / tp) × H   (0 when tied to the embedding)
+    per layer      = q_proj  q_heads × h × H
+                   + k_proj, v_proj  2 × kv_heads × h × H
+                   + o_proj  q_heads × h × H
+                   + gate_proj, up_proj, down_proj  3 × H × I / tp   (tp must divide I)
+                   + input and post-attention norms  2 × H   (replicated)
+    params/rank    = embedding + lm_head + L × per layer + H (final norm, replicated)
+
+KV bytes per token per rank = 2 (K and V) × L × kv_heads × h × d.
+
+Activation reserve per rank = max_num_batched_tokens × (2 × H + 3 × I / tp) × d: the widest point of a
+step is the MLP, where the residual stream and its normed copy (2 × H), the fused gate/up output
+(2 × I / tp) and silu(gate) × up (I / tp) are alive at once for every token in the step. Logits are
+computed only for sampled tokens and are small beside it. Allocator fragmentation and workspace are
+left to the headroom of gpu_memory_utilization.
+
+KV cache
+    usable bytes   = gpu_memory_gib × 2^30 × gpu_memory_utilization − weight bytes − activation reserve
+    kv_tokens      = usable bytes // KV bytes per token
+    max_sequences  = kv_tokens // max_model_len   (sequences at full length resident at once)
+Every rank holds the same shapes, so all ranks get the same plan.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import DTYPES, SchedulerConfig
+from .model.architecture import ModelArchitecture
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one tensor-parallel rank holds; every rank holds the same."""
+
+    tensor_parallel_size: int  # ranks the model is split across
+    dtype: str  # weight and KV dtype
+    q_heads: int  # query heads on this rank
+    kv_heads: int  # KV heads on this rank (replicated when tp exceeds num_key_value_heads)
+    weight_params: int  # parameters on this rank
+    weight_bytes: int  # weight_params × dtype bytes
+    kv_bytes_per_token: int  # K and V of one token, all layers, this rank's KV heads
+    activation_bytes: int  # reserve for one step's activations (see the module docstring)
+    memory_bytes: int  # gpu_memory_gib × 2^30 × gpu_memory_utilization
+    usable_bytes: int  # memory_bytes − weights − activations; negative when the weights do not fit
+    kv_tokens: int  # tokens whose KV fits in usable_bytes (0 when nothing fits)
+    max_model_len: int  # tokens of one full-length sequence
+    max_sequences: int  # full-length sequences whose KV fits at once
+
+    @property
+    def fits(self) -> bool:
+        return self.usable_bytes > 0
+
+
+def heads_per_rank(arch: ModelArchitecture, tp: int) -> tuple[int, int]:
+    """(query heads, KV heads) on each rank; ValueError for a tp the heads cannot be split by."""
+    if tp < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, not {tp}")
+    heads, kv = arch.num_attention_heads, arch.num_key_value_heads
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide num_attention_heads ({heads})")
+    if tp > kv:
+        if tp % kv:
+            raise ValueError(
+                f"tensor_parallel_size {tp} exceeds num_key_value_heads ({kv}) but is not a multiple of it, "
+                "so KV heads cannot be replicated evenly"
+            )
+        return heads // tp, 1
+    if kv % tp:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide num_key_value_heads ({kv})")
+    return heads // tp, kv // tp
+
+
+def weight_params_per_rank(arch: ModelArchitecture, tp: int) -> int:
+    q_heads, kv_heads = heads_per_rank(arch, tp)
+    if arch.intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide intermediate_size ({arch.intermediate_size})")
+    hidden, head_dim = arch.hidden_size, arch.head_dim
+    vocab_per_rank = -(-arch.vocab_size // tp)  # padded up to a multiple of tp
+    embedding = vocab_per_rank * hidden
+    lm_head = 0 if arch.tie_word_embeddings else vocab_per_rank * hidden
+    attention = (2 * q_heads + 2 * kv_heads) * head_dim * hidden  # q, o; k, v
+    mlp = 3 * hidden * (arch.intermediate_size // tp)  # gate, up, down
+    norms = 2 * hidden  # replicated
+    return embedding + lm_head + arch.num_hidden_layers * (attention + mlp + norms) + hidden
+
+
+def kv_bytes_per_token(arch: ModelArchitecture, tp: int, dtype: str) -> int:
+    _, kv_heads = heads_per_rank(arch, tp)
+    return 2 * arch.num_hidden_layers * kv_heads * arch.head_dim * DTYPE_BYTES[dtype]
+
+
+def activation_bytes(arch: ModelArchitecture, tp: int, dtype: str, max_num_batched_tokens: int) -> int:
+    return max_num_batched_tokens * (2 * arch.hidden_size + 3 * (arch.intermediate_size // tp)) * DTYPE_BYTES[dtype]
+
+
+def plan_rank(
+    arch: ModelArchitecture,
+    *,
+    tensor_parallel_size: int,
+    dtype: str,
+    gpu_memory_gib: float,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int = 4096,
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+) -> RankPlan:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if gpu_memory_gib <= 0:
+        raise ValueError("gpu_memory_gib must be > 0")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError("gpu_memory_utilization must be in (0, 1]")
+    if max_model_len < 1:
+        raise ValueError("max_model_len must be >= 1")
+    tp = tensor_parallel_size
+    q_heads, kv_heads = heads_per_rank(arch, tp)
+    params = weight_params_per_rank(arch, tp)
+    weight_bytes = params * DTYPE_BYTES[dtype]
+    per_token = kv_bytes_per_token(arch, tp, dtype)
+    activations = activation_bytes(arch, tp, dtype, max_num_batched_tokens)
+    memory = int(gpu_memory_gib * GIB * gpu_memory_utilization)
+    usable = memory - weight_bytes - activations
+    kv_tokens = max(usable, 0) // per_token
+    return RankPlan(
+        tensor_parallel_size=tp,
+        dtype=dtype,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        weight_params=params,
+        weight_bytes=weight_bytes,
+        kv_bytes_per_token=per_token,
+        activation_bytes=activations,
+        memory_bytes=memory,
+        usable_bytes=usable,
+        kv_tokens=kv_tokens,
+        max_model_len=max_model_len,
+        max_sequences=kv_tokens // max_model_len,
+    )
+
+
+def plan_deployment(
+    config: str | Path,
+    *,
+    gpu_memory_gib: float,
+    gpu_memory_utilization: float = 0.9,
+    tensor_parallel_size: int | None = None,
+    dtype: str | None = None,
+    max_model_len: int | None = None,
+) -> RankPlan:
+    """The plan for a deployment YAML (configs/*.yaml); arguments left as None come from the YAML."""
+    options = yaml.safe_load(Path(config).read_text()) or {}
+    return plan_rank(
+        ModelArchitecture.from_yaml(config),
+        tensor_parallel_size=tensor_parallel_size or options.get("tensor_parallel_size", 1),
+        dtype=dtype or options.get("dtype", "float32"),
+        gpu_memory_gib=gpu_memory_gib,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len or options.get("max_model_len", 4096),
+        max_num_batched_tokens=options.get("max_num_batched_tokens", SchedulerConfig.max_num_batched_tokens),
+    )
+
+
+def format_plan(plan: RankPlan, gpu_memory_gib: float) -> str:
+    def gib(n: int) -> str:
+        return f"{n / GIB:.2f} GiB"
+
+    tp = plan.tensor_parallel_size
+    lines = [
+        f"{f'each of {tp} ranks' if tp > 1 else '1 rank'} ({plan.dtype}, {gpu_memory_gib:g} GiB GPU, "
+        f"{plan.q_heads} query / {plan.kv_heads} KV heads per rank):",
+        f"  weights              {plan.weight_bytes:,} bytes ({gib(plan.weight_bytes)}, "
+        f"{plan.weight_params:,} params)",
+        f"  KV per token         {plan.kv_bytes_per_token:,} bytes",
+        f"  memory budget        {plan.memory_bytes:,} bytes ({gib(plan.memory_bytes)})",
+        f"  activation reserve   {plan.activation_bytes:,} bytes ({gib(plan.activation_bytes)})",
+    ]
+    if not plan.fits:
+        lines.append(
+            f"  the weights and activations do not fit: {gib(-plan.usable_bytes)} over the budget; "
+            "raise --tensor-parallel-size or --gpu-memory-gib"
+        )
+        return "\n".join(lines)
+    lines += [
+        f"  KV cache             {plan.usable_bytes:,} bytes ({gib(plan.usable_bytes)})",
+        f"  KV tokens            {plan.kv_tokens:,}",
+        f"  {f'{plan.max_model_len}-token sequences':<21}{plan.max_sequences:,}",
+    ]
+    return "\n".join(lines)
