@@ -1,4 +1,5 @@
-"""`llamaserve serve`: the OpenAI-compatible server. `llamaserve --help` documents every flag."""
+"""`llamaserve serve` (the OpenAI-compatible server) and `llamaserve plan` (a deployment's memory plan).
+`llamaserve COMMAND --help` documents every flag."""
 
 import argparse
 import signal
