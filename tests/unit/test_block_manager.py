@@ -172,7 +172,7 @@ def corrupt_hash_map(manager):
 
 
 def corrupt_stray_hash(manager):
-    manager._hash_of_block[manager.block_table("a")[2]] = 12345
+    manager._hash_of_block[manager.block_table("a")[2]] = b"stray"
 
 
 @pytest.mark.parametrize(

@@ -7,16 +7,19 @@ Every block is in exactly one state:
   evictable  refcount 0, still hashed: a later request with the same prefix may revive it.
   empty      refcount 0, no hash.
 New blocks come from the empty pool first, then by evicting the least recently freed evictable
-block. A full block is keyed by hash((parent block's hash, its token ids)), so a hit on block i
-implies the whole prefix up to block i matches.
+block. A full block is keyed by sha256(parent block's key + its token ids), so a hit on block i
+implies the whole prefix up to block i matches. A cryptographic hash, because a collision would
+hand one client's KV (another client's prompt) to another: Python's hash() of ints is easy to collide.
 """
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from llamaserve.engine.request import Request
 
-_ROOT_HASH = 0  # "parent hash" of a sequence's first block
+_ROOT_HASH = b""  # "parent hash" of a sequence's first block
 
 
 @dataclass(slots=True)
@@ -25,7 +28,7 @@ class _Sequence:
 
     block_ids: list[int] = field(default_factory=list)
     # Chain hashes of the request's full blocks, computed lazily and kept (tokens only grow).
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     # Leading blocks already offered to the prefix cache (registered, or hits to begin with).
     num_cached_blocks: int = 0
 
@@ -38,8 +41,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._ref_counts = [0] * num_blocks
-        self._hash_of_block: list[int | None] = [None] * num_blocks
-        self._block_of_hash: dict[int, int] = {}
+        self._hash_of_block: list[bytes | None] = [None] * num_blocks
+        self._block_of_hash: dict[bytes, int] = {}
         self._empty: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently freed first
         self._seqs: dict[str, _Sequence] = {}
@@ -174,13 +177,13 @@ class BlockManager:
             hits.append(block)
         return hits
 
-    def _block_hash(self, request: Request, seq: _Sequence, index: int) -> int:
+    def _block_hash(self, request: Request, seq: _Sequence, index: int) -> bytes:
         """Chain hash of the request's full block `index`, memoized in seq.block_hashes."""
         hashes = seq.block_hashes
         for i in range(len(hashes), index + 1):
             parent = hashes[i - 1] if i else _ROOT_HASH
             tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-            hashes.append(hash((parent, tuple(tokens))))
+            hashes.append(hashlib.sha256(parent + array("q", tokens).tobytes()).digest())
         return hashes[index]
 
     def _take_free_block(self) -> int:
