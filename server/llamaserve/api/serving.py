@@ -46,7 +46,7 @@ from llamaserve.api.protocol import (
 )
 from llamaserve.api.streaming import event_stream, merge, sse_event
 from llamaserve.engine.client import AsyncEngineClient
-from llamaserve.engine.messages import TokenLogprobs
+from llamaserve.engine.messages import TokenLogprobs, kv_blocks_needed
 from llamaserve.sampling_params import SamplingParams
 from llamaserve.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
@@ -252,7 +252,7 @@ class OpenAIServing:
                               "max_tokens", "context_length_exceeded")
         # The engine refuses a request that could outgrow the whole KV cache; say so before streaming.
         ready = self.client.ready
-        blocks = -(-(num_prompt_tokens + max_tokens - 1) // ready.block_size)
+        blocks = kv_blocks_needed(num_prompt_tokens + max_tokens, ready.block_size)
         if blocks > ready.num_kv_blocks:
             raise bad_request(f"the prompt ({num_prompt_tokens} tokens) with max_tokens {max_tokens} may need "
                               f"{blocks} KV cache blocks but the cache holds {ready.num_kv_blocks}; lower max_tokens",

@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 from llamaserve.sampling_params import SamplingParams
 
 
+def kv_blocks_needed(max_num_tokens: int, block_size: int) -> int:
+    """KV blocks a request of at most `max_num_tokens` (prompt + output) can occupy: its last sampled
+    token never enters the cache. The engine refuses requests that need more than the cache holds,
+    and the API checks the same rule before a stream starts."""
+    return -(-(max_num_tokens - 1) // block_size)
+
+
 @dataclass
 class TokenLogprobs:
     logprob: float  # of the sampled token

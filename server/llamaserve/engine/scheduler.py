@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from llamaserve.config import SchedulerConfig
 from llamaserve.engine.block_manager import BlockManager
+from llamaserve.engine.messages import kv_blocks_needed
 from llamaserve.engine.request import Request, RequestStatus
 
 
@@ -101,9 +102,8 @@ class Scheduler:
                 f"prompt has {request.num_prompt_tokens} tokens; it must have 1 to "
                 f"{self.config.max_model_len - 1} (max_model_len {self.config.max_model_len})"
             )
-        # The last sampled token never enters the cache. A request that outgrows the whole cache
-        # would preempt itself forever, so refuse it now.
-        blocks = -(-(self.max_num_tokens(request) - 1) // self.block_manager.block_size)
+        # A request that outgrows the whole cache would preempt itself forever, so refuse it now.
+        blocks = kv_blocks_needed(self.max_num_tokens(request), self.block_manager.block_size)
         if blocks > self.block_manager.num_blocks:
             raise ValueError(
                 f"request may need {blocks} KV blocks but the cache holds {self.block_manager.num_blocks}; "
