@@ -2,6 +2,7 @@
 `llamaserve COMMAND --help` documents every flag."""
 
 import argparse
+import os
 import signal
 import sys
 
@@ -34,6 +35,12 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--policy", choices=["fcfs", "priority"], help="admission order (default fcfs)")
     p.add_argument("--chat-template", help="built-in template name (llama-2) or a .jinja file "
                    "(default: the checkpoint's own)")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int,
+                   help="split every layer across this many ranks, one process (and GPU) each (default 1)")
+    p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),
+                   help="rendezvous address of rank 0 (default: $MASTER_ADDR, else 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=os.environ.get("MASTER_PORT"),
+                   help="rendezvous port (default: $MASTER_PORT, else a free port)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
 
 

@@ -62,6 +62,19 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # ranks every layer is split across, one process (and device) each
+    master_addr: str = "127.0.0.1"  # rendezvous address of rank 0 (the standard MASTER_ADDR)
+    master_port: int | None = None  # rendezvous port (MASTER_PORT); None: a free port on this host
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError("master_port must be in 1..65535")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"  # address to listen on
     port: int = 8000  # TCP port
@@ -80,11 +93,12 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":
         """Flat keyword options (as `LLM(...)` and the CLI take them) sorted into their sections."""
-        sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
         fields = {name: {} for name in sections}
         for key, value in options.items():
             owner = next((name for name, kind in sections.items() if key in kind.__dataclass_fields__), None)
@@ -97,8 +111,9 @@ class EngineConfig:
 def load_config(yaml_path: str | Path | None = None, **overrides) -> tuple[EngineConfig, ServerConfig]:
     """Defaults, then the YAML file's keys, then `overrides` (the CLI's flags; None means unset).
 
-    YAML keys are the configuration fields by name (model, dtype, max_num_seqs, kv_cache_gib, port, ...);
-    an `architecture:` section documents the model's shape for planning and is not needed to serve.
+    YAML keys are the configuration fields by name (model, dtype, max_num_seqs, kv_cache_gib, port, ...),
+    with `tp` short for tensor_parallel_size; an `architecture:` section documents the model's shape for
+    planning and is not needed to serve.
     """
     import yaml
 
@@ -108,9 +123,8 @@ def load_config(yaml_path: str | Path | None = None, **overrides) -> tuple[Engin
         if not isinstance(options, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of option: value")
         options.pop("architecture", None)
+        if "tp" in options:
+            options["tensor_parallel_size"] = options.pop("tp")
     options.update({k: v for k, v in overrides.items() if v is not None})
-    tp = options.pop("tensor_parallel_size", 1)
-    if tp != 1:
-        raise ValueError(f"tensor_parallel_size {tp}: tensor parallelism is not supported yet")
     server_fields = {k: options.pop(k) for k in list(options) if k in ServerConfig.__dataclass_fields__}
     return EngineConfig.from_options(**options), ServerConfig(**server_fields)

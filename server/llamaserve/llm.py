@@ -59,6 +59,16 @@ class LLM:
         self.tokenizer = Tokenizer.from_checkpoint(self.engine.runner.checkpoint, self.config.model.chat_template)
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also on leaving a `with LLM(...)` block)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],

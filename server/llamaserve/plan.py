@@ -5,7 +5,7 @@ arithmetic on the deployment YAML's `architecture:` section; nothing is download
 `tp` the tensor-parallel size, `d` the dtype's bytes per element (float16/bfloat16: 2, float32: 4),
 `H` hidden_size, `I` intermediate_size, `L` num_hidden_layers, `V` vocab_size, `h` head_dim:
 
-Heads per rank
+Heads per rank (llamaserve.model.sharding, the rule the server loads by)
     q_heads = num_attention_heads / tp (tp must divide it).
     kv_heads = num_key_value_heads / tp when tp divides num_key_value_heads; when tp exceeds them
     (tp a multiple of num_key_value_heads) each KV head is replicated on tp / num_key_value_heads
@@ -43,6 +43,7 @@ import yaml
 
 from .config import DTYPES, SchedulerConfig
 from .model.architecture import ModelArchitecture
+from .model.sharding import heads_per_rank
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30
@@ -71,29 +72,8 @@ class RankPlan:
         return self.usable_bytes > 0
 
 
-def heads_per_rank(arch: ModelArchitecture, tp: int) -> tuple[int, int]:
-    """(query heads, KV heads) on each rank; ValueError for a tp the heads cannot be split by."""
-    if tp < 1:
-        raise ValueError(f"tensor_parallel_size must be >= 1, not {tp}")
-    heads, kv = arch.num_attention_heads, arch.num_key_value_heads
-    if heads % tp:
-        raise ValueError(f"tensor_parallel_size {tp} does not divide num_attention_heads ({heads})")
-    if tp > kv:
-        if tp % kv:
-            raise ValueError(
-                f"tensor_parallel_size {tp} exceeds num_key_value_heads ({kv}) but is not a multiple of it, "
-                "so KV heads cannot be replicated evenly"
-            )
-        return heads // tp, 1
-    if kv % tp:
-        raise ValueError(f"tensor_parallel_size {tp} does not divide num_key_value_heads ({kv})")
-    return heads // tp, kv // tp
-
-
 def weight_params_per_rank(arch: ModelArchitecture, tp: int) -> int:
     q_heads, kv_heads = heads_per_rank(arch, tp)
-    if arch.intermediate_size % tp:
-        raise ValueError(f"tensor_parallel_size {tp} does not divide intermediate_size ({arch.intermediate_size})")
     hidden, head_dim = arch.hidden_size, arch.head_dim
     vocab_per_rank = -(-arch.vocab_size // tp)  # padded up to a multiple of tp
     embedding = vocab_per_rank * hidden

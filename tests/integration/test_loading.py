@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from transformers import LlamaForCausalLM as ReferenceLlama
 
 from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
-from llamaserve.model.loader import iter_safetensors, load_model, resolve_checkpoint
+from llamaserve.model.loader import SafetensorsCheckpoint, load_model, resolve_checkpoint
 from tests.conftest import make_tiny_checkpoint
 
 
@@ -44,12 +44,20 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     assert greedy(a, prompt, 8, block_size=4) == greedy(b, prompt, 8, block_size=4)
 
 
-def test_streaming_reads_one_tensor_at_a_time(tmp_path):
+def test_checkpoint_reads_whole_tensors_and_slices_across_files(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "ckpt", max_shard_size="50KB")
-    stream = iter_safetensors(path)
-    name, tensor = next(stream)
-    assert isinstance(name, str) and isinstance(tensor, torch.Tensor)
-    assert len(list(stream)) + 1 == len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"])
+    checkpoint = SafetensorsCheckpoint(path)
+    reference = ReferenceLlama.from_pretrained(path).state_dict()
+    assert sorted(checkpoint.names()) == sorted(json.loads((path / "model.safetensors.index.json").read_text())
+                                                ["weight_map"])
+    name = "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(checkpoint.read(name), reference[name])
+    before = checkpoint.bytes_read
+    assert torch.equal(checkpoint.read(name, 1, 16, 48), reference[name][:, 16:48])
+    assert checkpoint.bytes_read - before == 64 * 32 * 4  # only the slice came off the disk
+    assert torch.equal(checkpoint.read(name, 0, 8, 9), reference[name][8:9])
+    with pytest.raises(ValueError, match="cannot read"):
+        checkpoint.read(name, 0, 60, 70)
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):

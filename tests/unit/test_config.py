@@ -24,6 +24,15 @@ def test_llama2_deployment_configs_load():
     engine, _ = load_config(CONFIGS / "llama-2-7b-chat.yaml")
     assert engine.model.model == "meta-llama/Llama-2-7b-chat-hf" and engine.model.chat_template == "llama-2"
     assert engine.scheduler.max_model_len == 4096 and engine.model.dtype == "float16"
+    engine, _ = load_config(CONFIGS / "llama-2-70b-chat.yaml")
+    assert engine.parallel.tensor_parallel_size == 8
+
+
+def test_tp_is_short_for_tensor_parallel_size(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text("tp: 2\n")
+    assert load_config(path)[0].parallel.tensor_parallel_size == 2
+    assert load_config(path, tensor_parallel_size=3)[0].parallel.tensor_parallel_size == 3
 
 
 @pytest.mark.parametrize(
@@ -34,7 +43,7 @@ def test_llama2_deployment_configs_load():
         ({"kv_cache_gib": -1}, "kv_cache_gib"),
         ({"policy": "lifo"}, "policy"),
         ({"port": 70000}, "port"),
-        ({"tensor_parallel_size": 2}, "tensor parallelism"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
     ],
 )
 def test_bad_values_are_refused(options, message):

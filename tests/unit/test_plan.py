@@ -8,7 +8,8 @@ import torch
 from llamaserve.cli import main
 from llamaserve.model.architecture import ModelArchitecture
 from llamaserve.model.llama import LlamaForCausalLM
-from llamaserve.plan import heads_per_rank, plan_deployment, plan_rank
+from llamaserve.model.sharding import heads_per_rank
+from llamaserve.plan import plan_deployment, plan_rank
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

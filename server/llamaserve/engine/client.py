@@ -9,6 +9,7 @@ import asyncio
 import copy
 import logging
 import multiprocessing as mp
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ class EngineReady:
     max_model_len: int
     vocab_size: int
     checkpoint: str  # the resolved checkpoint directory (tokenizer files live there)
+    dtype: str  # of the weights and the KV cache
+    tensor_parallel_size: int
 
 
 @dataclass
@@ -41,18 +44,26 @@ class Shutdown:
     pass
 
 
+def _exit_engine(reason: str) -> None:
+    """A tensor-parallel worker died: the model cannot run another step. Exiting at once closes the
+    pipe, so the API process fails every pending request and reports the engine dead."""
+    log.error("%s; the engine exits", reason)
+    os._exit(1)
+
+
 def run_engine_core(config: EngineConfig, conn) -> None:
     """Entry point of the engine process: step while there is work, block on the pipe when idle."""
     from llamaserve.engine.core import EngineCore  # torch is imported in this process only
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     try:
-        core = EngineCore(config)
+        core = EngineCore(config, on_worker_death=_exit_engine)
     except Exception as e:  # report why startup failed instead of dying silently
         conn.send(EngineFailed(f"{type(e).__name__}: {e}"))
         raise
     conn.send(EngineReady(core.runner.num_blocks, config.cache.block_size, config.scheduler.max_model_len,
-                          core.runner.arch.vocab_size, str(core.runner.checkpoint)))
+                          core.runner.arch.vocab_size, str(core.runner.checkpoint), config.model.dtype,
+                          config.parallel.tensor_parallel_size))
     try:
         while True:
             refused = []  # outputs for requests the engine cannot run
@@ -72,6 +83,8 @@ def run_engine_core(config: EngineConfig, conn) -> None:
                 conn.send(StepOutputs(outputs, copy.copy(core.stats)))
     except (EOFError, BrokenPipeError):
         pass  # the client went away: nothing left to serve
+    finally:
+        core.shutdown()
 
 
 class AsyncEngineClient:
@@ -90,8 +103,8 @@ class AsyncEngineClient:
     async def start(cls, config: EngineConfig) -> "AsyncEngineClient":
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited event loop or threads
         conn, child_conn = ctx.Pipe()
-        process = ctx.Process(target=run_engine_core, args=(config, child_conn), name="llamaserve-engine",
-                              daemon=True)
+        # Not a daemon: it starts tensor-parallel workers. It exits by itself when this process goes (EOF).
+        process = ctx.Process(target=run_engine_core, args=(config, child_conn), name="llamaserve-engine")
         process.start()
         child_conn.close()  # so the pipe reports EOF when the engine process dies
         try:

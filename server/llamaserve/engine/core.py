@@ -1,5 +1,7 @@
 """The engine loop: schedule -> execute -> update."""
 
+from collections.abc import Callable
+
 from llamaserve.config import EngineConfig
 from llamaserve.engine.block_manager import BlockManager
 from llamaserve.engine.messages import AddRequest, EngineStats, RequestOutput
@@ -8,9 +10,11 @@ from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
 
 class EngineCore:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, on_worker_death: Callable[[str], None] | None = None):
+        """`on_worker_death(reason)`: what to do when a tensor-parallel worker process exits unasked
+        (default: every later step raises)."""
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, on_worker_death=on_worker_death)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -33,6 +37,10 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        self.runner.shutdown()
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests()

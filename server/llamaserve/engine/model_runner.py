@@ -1,17 +1,27 @@
-"""Runs one scheduled step on the model: flat inputs in, one sampled token per sampling request out."""
+"""Runs one scheduled step on the model: flat inputs in, one sampled token per sampling request out.
+
+With tensor parallelism every rank holds a ModelRunner over its shard of the model: rank 0 (in the
+engine core) builds each step's inputs, broadcasts them, runs its shard and samples; the other ranks
+(llamaserve.engine.workers) run their shards on the same inputs in `follow`.
+"""
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.messages import TokenLogprobs
 from llamaserve.engine.scheduler import SchedulerOutput
+from llamaserve.engine.workers import WorkerGroup, init_process_group
 from llamaserve.model.architecture import ModelArchitecture
 from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
 from llamaserve.model.loader import load_model, parse_dtype, resolve_checkpoint
 from llamaserve.model.sampler import Sampler, SamplingBatch
+from llamaserve.model.sharding import TensorParallel, heads_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -22,37 +32,89 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs]  # only for requests that asked
 
 
-def kv_bytes_per_block(arch: ModelArchitecture, block_size: int, dtype: torch.dtype) -> int:
-    """K and V, every layer: 2 x layers x block_size x kv_heads x head_dim x element size."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim * element
+@dataclass
+class StepInputs:
+    """Everything a rank needs to run one step: what rank 0 broadcasts to the others."""
+
+    token_ids: list[int]  # flat, every scheduled request's new tokens in order
+    positions: list[int]
+    query_lens: list[int]  # new tokens per request
+    seq_lens: list[int]  # tokens per request once this step's are cached
+    block_tables: list[list[int]]
+    sample: list[bool]  # whether each request samples a token after this step
+
+    @classmethod
+    def from_step(cls, step: SchedulerOutput) -> "StepInputs":
+        inputs = cls([], [], [], [], [], [])
+        for item in step.scheduled:
+            end = item.start + item.num_new_tokens
+            inputs.token_ids.extend(item.request.all_token_ids[item.start : end])
+            inputs.positions.extend(range(item.start, end))
+            inputs.query_lens.append(item.num_new_tokens)
+            inputs.seq_lens.append(end)
+            inputs.block_tables.append(item.block_table)
+            inputs.sample.append(item.sample)
+        return inputs
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
-        self.config = config
+    def __init__(self, config: EngineConfig, rank: int = 0, on_worker_death: Callable[[str], None] | None = None):
+        """Rank 0 starts the other ranks' worker processes; `on_worker_death(reason)` runs (on a watcher
+        thread) when one exits unasked, by default logging it and failing every later step."""
+        self.tp = TensorParallel(rank, config.parallel.tensor_parallel_size)
         self.device = torch.device(config.model.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", rank)  # one GPU per rank on this host
         self.dtype = parse_dtype(config.model.dtype)
+        # Rank 0 resolves (and converts, once) the checkpoint and checks it splits before any worker starts.
         self.checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir)
-        self.model = load_model(self.checkpoint, self.dtype, self.device, progress=config.model.show_progress)
-        self.arch = self.model.arch
+        self.arch = ModelArchitecture.from_checkpoint(self.checkpoint)
+        self.num_kv_heads = heads_per_rank(self.arch, self.tp.size)[1]
+        self.workers, self.worker_failure = None, None
+        self._threads_before = torch.get_num_threads()
+        if self.tp.size > 1:
+            if rank == 0:
+                self.workers, config = WorkerGroup.start(config, on_worker_death or self._worker_died)
+            if self.device.type == "cpu":  # ranks share this host's cores instead of each taking all
+                torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.tp.size))
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            self.step_group = init_process_group(config, rank, self.device)
+        self.config = config
+        self.model = load_model(self.checkpoint, self.dtype, self.device, tp=self.tp,
+                                progress=config.model.show_progress and rank == 0)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = allocate_kv_cache(
-            self.arch.num_hidden_layers, self.num_blocks, self.block_size, self.arch.num_key_value_heads,
+            self.arch.num_hidden_layers, self.num_blocks, self.block_size, self.num_kv_heads,
             self.arch.head_dim, self.dtype, self.device,
         )
         log.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
-            self.num_blocks * self.block_size,
-            self.num_blocks * kv_bytes_per_block(self.arch, self.block_size, self.dtype) / 2**30,
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB%s)", self.num_blocks, self.block_size,
+            self.num_blocks * self.block_size, self.num_blocks * self._kv_bytes_per_block() / 2**30,
+            f" on rank {rank} of {self.tp.size}" if self.tp.size > 1 else "",
         )
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
 
+    def _kv_bytes_per_block(self) -> int:
+        """K and V, every layer, this rank's KV heads: 2 x layers x block_size x kv_heads x head_dim x element."""
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.arch.num_hidden_layers * self.block_size * self.num_kv_heads * self.arch.head_dim * element
+
     def _num_kv_blocks(self) -> int:
+        """Each rank sizes its cache for its own KV heads; with several ranks all take the smallest count,
+        since one block table addresses every rank's cache."""
+        blocks = self._num_kv_blocks_here()
+        if self.tp.size > 1:
+            count = torch.tensor([blocks])
+            dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.step_group)
+            blocks = int(count)
+        return blocks
+
+    def _num_kv_blocks_here(self) -> int:
         cache = self.config.cache
-        per_block = kv_bytes_per_block(self.arch, self.block_size, self.dtype)
+        per_block = self._kv_bytes_per_block()
         if cache.num_blocks is not None:
             return cache.num_blocks
         if self.device.type != "cuda":
@@ -71,11 +133,10 @@ class ModelRunner:
     def _profile_forward(self) -> None:
         tokens = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
         blocks = -(-tokens // self.block_size)
-        kv = allocate_kv_cache(self.arch.num_hidden_layers, blocks, self.block_size, self.arch.num_key_value_heads,
+        kv = allocate_kv_cache(self.arch.num_hidden_layers, blocks, self.block_size, self.num_kv_heads,
                                self.arch.head_dim, self.dtype, self.device)
-        meta = AttentionMetadata.build([tokens], [tokens], [list(range(blocks))], self.block_size, device=self.device)
-        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-        self.model(ids, torch.arange(tokens, device=self.device), kv, meta)
+        self._forward(StepInputs([0] * tokens, list(range(tokens)), [tokens], [tokens], [list(range(blocks))],
+                                 [True]), kv)
         del kv
         torch.cuda.synchronize(self.device)
 
@@ -83,23 +144,54 @@ class ModelRunner:
         """Forget a finished request's generator."""
         self.generators.pop(request_id, None)
 
-    def execute(self, step: SchedulerOutput) -> RunnerOutput:
-        ids, positions, query_lens, seq_lens, tables, sample = [], [], [], [], [], []
-        for item in step.scheduled:
-            end = item.start + item.num_new_tokens
-            ids.extend(item.request.all_token_ids[item.start : end])
-            positions.extend(range(item.start, end))
-            query_lens.append(item.num_new_tokens)
-            seq_lens.append(end)
-            tables.append(item.block_table)
-            sample.append(item.sample)
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, sample, self.device)
-        logits = self.model(
-            torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
-            torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
-            self.kv_caches,
+    def _forward(self, inputs: StepInputs, kv_caches) -> torch.Tensor | None:
+        """Every rank runs this on the same inputs; logits ([num_sampling, vocab]) come back on rank 0."""
+        meta = AttentionMetadata.build(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
+                                       inputs.sample, self.device)
+        return self.model(
+            torch.tensor(inputs.token_ids, dtype=torch.long).to(self.device, non_blocking=True),
+            torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True),
+            kv_caches,
             meta,
-        )  # [num_sampling, vocab]
+        )
+
+    def _broadcast(self, inputs: StepInputs | None) -> StepInputs | None:
+        """From rank 0 to every other rank; None tells them to stop."""
+        message = [inputs]
+        dist.broadcast_object_list(message, src=0, group=self.step_group)
+        return message[0]
+
+    def follow(self) -> None:
+        """Ranks other than 0: run every step rank 0 broadcasts, until it says stop."""
+        while (inputs := self._broadcast(None)) is not None:
+            self._forward(inputs, self.kv_caches)
+        dist.destroy_process_group()
+
+    def shutdown(self) -> None:
+        """Rank 0: stop the workers and leave the group (a no-op with one rank)."""
+        if self.workers is None:
+            return
+        if self.worker_failure is None:
+            self._broadcast(None)
+        self.workers.join()
+        self.workers = None
+        dist.destroy_process_group()
+        torch.set_num_threads(self._threads_before)
+
+    def _worker_died(self, reason: str) -> None:
+        log.error("%s", reason)
+        self.worker_failure = reason
+
+    def run_model(self, inputs: StepInputs) -> torch.Tensor:
+        """Rank 0: one step on every rank; the logits of the sampling requests, [num_sampling, vocab]."""
+        if self.tp.size > 1:
+            if self.worker_failure is not None:
+                raise RuntimeError(self.worker_failure)
+            self._broadcast(inputs)
+        return self._forward(inputs, self.kv_caches)
+
+    def execute(self, step: SchedulerOutput) -> RunnerOutput:
+        logits = self.run_model(StepInputs.from_step(step))
         requests = [item.request for item in step.scheduled if item.sample]
         if not requests:
             return RunnerOutput({}, {})

@@ -1,7 +1,8 @@
-"""Llama decoder over a flat batch of tokens and a paged KV cache.
+"""Llama decoder over a flat batch of tokens and a paged KV cache, split across tensor-parallel ranks.
 
-Projections are fused (QKV, gate/up) so each layer runs three matmuls on its input; each fused layer
-knows how to load its parts from a checkpoint's separate q/k/v and gate/up tensors.
+Projections are fused (QKV, gate/up) so each layer runs three matmuls on its input; the parallel layers
+(llamaserve.model.parallel) load their own slices of the checkpoint's separate q/k/v and gate/up tensors.
+With one rank the same code runs with no communication.
 """
 
 from collections.abc import Iterable
@@ -11,14 +12,22 @@ from torch import nn
 
 from .architecture import ModelArchitecture
 from .attention import AttentionMetadata, TorchAttentionBackend
+from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
+from .sharding import TensorParallel, heads_per_rank
 
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)  # replicated on every rank
         self.eps = eps
+
+    def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def load_weight(self, checkpoint, name: str, part: None = None) -> None:
+        self.weight.data.copy_(checkpoint.read(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the weights' dtype, as the reference does.
@@ -27,61 +36,22 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class MergedLinear(nn.Linear):
-    """Several projections of the same input stacked into one weight; `load_part` fills one of them."""
-
-    def __init__(self, in_features: int, part_sizes: dict[str, int]):
-        super().__init__(in_features, sum(part_sizes.values()), bias=False)
-        self.part_offsets, offset = {}, 0
-        for name, size in part_sizes.items():
-            self.part_offsets[name] = (offset, size)
-            offset += size
-
-    def load_part(self, part: str, tensor: torch.Tensor) -> None:
-        offset, size = self.part_offsets[part]
-        self.weight.data[offset : offset + size].copy_(tensor)
-
-
-class PackedLinear(nn.Module):
-    """A bias-free linear layer whose weight oneDNN has reordered, once, into its own blocked layout.
-
-    On CPU its GEMM is 2-3x faster than nn.Linear's (MKL) at decode batch sizes (measured on this
-    project's 2-core EPYC: 30 layers of SmolLM2 at 16 rows, 33 ms -> 11 ms in float32), and a row's
-    result does not depend on the rows beside it."""
-
-    BATCH_SIZE_HINT = 64  # the layout is tuned for about this many rows
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_SIZE_HINT)
-        self.weight = nn.Parameter(packed, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-
-
-def pack_linears_for_cpu(model: nn.Module) -> None:
-    """Swap every loaded nn.Linear (fused ones included) for a PackedLinear, where oneDNN serves the dtype."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
-             and module.bias is None and module.weight.dtype in (torch.float32, torch.bfloat16)]
-    for name in names:  # one at a time, so each original weight is freed once its packed copy exists
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, PackedLinear(getattr(parent, attr).weight))
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArchitecture, backend: TorchAttentionBackend):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel, backend: TorchAttentionBackend):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
-        self.split_sizes = [arch.q_size, arch.kv_size, arch.kv_size]
-        self.qkv_proj = MergedLinear(arch.hidden_size, {"q": arch.q_size, "k": arch.kv_size, "v": arch.kv_size})
-        self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=False)
+        self.num_heads, self.num_kv_heads = heads_per_rank(arch, tp.size)
+        self.head_dim = arch.head_dim
+        kv_shards = min(arch.num_key_value_heads, tp.size)  # fewer KV heads than ranks: replicated
+        self.qkv_proj = ColumnParallelLinear(
+            arch.hidden_size, {"q": (arch.q_size, tp.size), "k": (arch.kv_size, kv_shards),
+                               "v": (arch.kv_size, kv_shards)}, tp,
+        )
+        self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size, tp)
         self.backend = backend
 
     def forward(self, x, cos, sin, kv_cache, meta, plan):
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_sizes, dim=-1)
         q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -89,26 +59,24 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArchitecture):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel):
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
-        self.gate_up_proj = MergedLinear(
-            arch.hidden_size, {"gate": arch.intermediate_size, "up": arch.intermediate_size}
-        )
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        size = arch.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, {"gate": (size, tp.size), "up": (size, tp.size)}, tp)
+        self.down_proj = RowParallelLinear(size, arch.hidden_size, tp)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = self.gate_up_proj(x).split(self.gate_up_proj.part_sizes, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArchitecture, backend: TorchAttentionBackend):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel, backend: TorchAttentionBackend):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, backend)
+        self.self_attn = LlamaAttention(arch, tp, backend)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = LlamaMLP(arch)
+        self.mlp = LlamaMLP(arch, tp)
 
     def forward(self, x, cos, sin, kv_cache, meta, plan):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, plan)
@@ -116,16 +84,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArchitecture):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        backend = TorchAttentionBackend(arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend) for _ in range(arch.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        backend = TorchAttentionBackend(*heads_per_rank(arch, tp.size), arch.head_dim)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, backend) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    # Checkpoint tensors that load into one part of a fused weight: suffix -> (our suffix, part).
+    # Checkpoint tensors that load into one part of a fused weight: suffix -> (our module suffix, part).
     FUSED_PARTS = {
         "self_attn.q_proj.weight": ("self_attn.qkv_proj", "q"),
         "self_attn.k_proj.weight": ("self_attn.qkv_proj", "k"),
@@ -134,17 +102,18 @@ class LlamaForCausalLM(nn.Module):
         "mlp.up_proj.weight": ("mlp.gate_up_proj", "up"),
     }
 
-    def __init__(self, arch: ModelArchitecture):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.arch = arch
-        self.model = LlamaModel(arch)
+        self.arch, self.tp = arch, tp
+        self.model = LlamaModel(arch, tp)
         self.rotary = RotaryEmbedding(arch)
         self.attn_backend = self.model.layers[0].self_attn.backend if arch.num_hidden_layers else None
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, tp)
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Share the embedding with the output head when the checkpoint does (again after `to_empty`)."""
+        """Share the embedding with the output head when the checkpoint does (again after `to_empty`).
+        Both hold the same vocabulary shard."""
         if self.arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -155,21 +124,28 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_sampled, vocab_size] float32, rows in meta.logits_indices order
+    ) -> torch.Tensor | None:  # [num_sampled, vocab_size] float32 in meta.logits_indices order; None off rank 0
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, meta.token_seq_lens, x.dtype)
         plan = self.attn_backend.plan(meta)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta, plan)
         # Only the positions that will be sampled go through the final norm and the vocabulary projection.
-        return self.lm_head(self.model.norm(x[meta.logits_indices])).float()
+        logits = self.lm_head(self.model.norm(x[meta.logits_indices]))
+        return None if logits is None else logits.float()
 
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (transformers' names) into our parameters, one at a time."""
-        params = dict(self.named_parameters())
+    def pack_for_cpu(self) -> None:
+        """Hand every linear layer's weight to oneDNN (see parallel.Linear), where it serves the dtype."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.weight.dtype in (torch.float32, torch.bfloat16):
+                module.pack_for_cpu()
+
+    def load_weights(self, checkpoint, names: Iterable[str] | None = None) -> None:
+        """Load this rank's slice of every checkpoint tensor (transformers' names) into our layers;
+        `names` defaults to all of `checkpoint.names()` (a progress bar may wrap it)."""
         modules = dict(self.named_modules())
         loaded = set()
-        for name, tensor in tensors:
+        for name in checkpoint.names() if names is None else names:
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
             if name.endswith("rotary_emb.inv_freq"):
@@ -178,27 +154,27 @@ class LlamaForCausalLM(nn.Module):
             if suffix:
                 module_suffix, part = self.FUSED_PARTS[suffix]
                 module_name = name[: -len(suffix)] + module_suffix
-                modules[module_name].load_part(part, tensor)
-                loaded.add(f"{module_name}.weight:{part}")
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected tensor in checkpoint: {name}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
-            params[name].data.copy_(tensor)
-            loaded.add(name)
-        expected = self._expected_tensor_keys()
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-
-    def _expected_tensor_keys(self) -> set[str]:
-        keys = set()
-        for name, _ in self.named_parameters():
-            module_name = name.rsplit(".", 1)[0]
-            module = self.get_submodule(module_name)
-            if isinstance(module, MergedLinear):
-                keys.update(f"{name}:{part}" for part in module.part_offsets)
             else:
-                keys.add(name)
-        return keys
+                module_name, part = name.removesuffix(".weight"), None
+            module = modules.get(module_name)
+            if module is None or not hasattr(module, "load_weight") or not name.endswith(".weight"):
+                raise ValueError(f"unexpected tensor in checkpoint: {name}")
+            expected = module.checkpoint_shape(part)
+            if checkpoint.shape(name) != expected:
+                raise ValueError(f"{name}: checkpoint shape {checkpoint.shape(name)} != model {expected}")
+            module.load_weight(checkpoint, name, part)
+            loaded.add((module_name, part))
+        missing = self._expected_loads() - loaded
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing, key=str)[:3]}")
+
+    def _expected_loads(self) -> set[tuple[str, str | None]]:
+        loads = set()
+        for name, module in self.named_modules():
+            if name == "lm_head" and self.arch.tie_word_embeddings:
+                continue
+            if isinstance(module, ColumnParallelLinear):
+                loads.update((name, part) for part in module.slices)
+            elif hasattr(module, "load_weight"):
+                loads.add((name, None))
+        return loads

@@ -9,8 +9,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
+import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from ..config import DTYPES
 from .architecture import ModelArchitecture
-from .llama import LlamaForCausalLM, pack_linears_for_cpu
+from .llama import LlamaForCausalLM
+from .sharding import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +83,6 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one tensor at a time, read with plain file reads into fresh memory.
-
-    safetensors' own loader maps the whole file, and the mapped pages count in the process's RSS
-    on top of the parameters they are copied into (twice the model while loading); a read holds
-    one tensor at a time."""
-    with open(file, "rb") as f:
-        header_len, header = _read_header(f)
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-            f.seek(8 + header_len + begin)
-            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
-                raise ValueError(f"{file}: truncated tensor {name}")
-            yield name, tensor
-
-
 def download_from_hub(repo_id: str, cache_dir: Path) -> Path:
     """A hub id (e.g. meta-llama/Llama-2-7b-chat-hf) when online: only safetensors, configs, tokenizer."""
     from huggingface_hub import snapshot_download
@@ -111,34 +96,70 @@ def download_from_hub(repo_id: str, cache_dir: Path) -> Path:
     return resolve_checkpoint(path, cache_dir)
 
 
-def _safetensors_files(path: Path) -> list[str]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return sorted(p.name for p in path.glob("*.safetensors"))
+class SafetensorsCheckpoint:
+    """The tensors of a checkpoint directory (`model.safetensors`, or the files that
+    `model.safetensors.index.json` names), read by name: whole, or only one rank's slice along a dim.
 
+    Reads are plain positional file reads into fresh memory, never a mapping of the file: mapped pages
+    count in the process's RSS on top of the parameters they are copied into (measured: twice the
+    model while loading, with safetensors' own `safe_open`). A slice along dim 0 is one read; along
+    dim 1, one read per row. `bytes_read` counts what came off the disk."""
 
-def _read_header(f) -> tuple[int, dict]:
-    """A safetensors file starts with the length of its JSON header, then the header."""
-    header_len = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    return header_len, header
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        self._entries: dict[str, tuple[Path, int, torch.dtype, tuple[int, ...]]] = {}  # file, offset, dtype, shape
+        for file in files:
+            with open(self.path / file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                self._entries[name] = (self.path / file, 8 + header_len + info["data_offsets"][0],
+                                       SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
+        self.bytes_read = 0
 
+    def names(self) -> list[str]:
+        """Every tensor's name, in file order."""
+        return list(self._entries)
 
-def count_tensors(path: Path) -> int:
-    total = 0
-    for file in _safetensors_files(path):
-        with open(path / file, "rb") as f:
-            total += len(_read_header(f)[1])
-    return total
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][3]
 
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The whole tensor, or rows [start, stop) along `dim` (0, or 1 of a 2-D tensor)."""
+        file, offset, dtype, shape = self._entries[name]
+        if dim is None:
+            dim, start, stop = 0, 0, shape[0] if shape else 1
+        if not (0 <= start <= stop <= shape[dim]) or dim > 1 or (dim == 1 and len(shape) != 2):
+            raise ValueError(f"{name}: cannot read [{start}:{stop}] of dim {dim} from shape {shape}")
+        out_shape = (stop - start, *shape[1:]) if dim == 0 else (shape[0], stop - start)
+        tensor = torch.empty(out_shape, dtype=dtype)
+        element = tensor.element_size()
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            if dim == 0:
+                row_bytes = element * math.prod(shape[1:])
+                self._read_into(fd, tensor, offset + start * row_bytes, name)
+            else:
+                for row in range(shape[0]):
+                    self._read_into(fd, tensor[row], offset + (row * shape[1] + start) * element, name)
+        finally:
+            os.close(fd)
+        return tensor
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """All tensors of a checkpoint directory: `model.safetensors` or the files that
-    `model.safetensors.index.json` names."""
-    for file in _safetensors_files(path):
-        yield from read_safetensors(path / file)
+    def _read_into(self, fd: int, tensor: torch.Tensor, offset: int, name: str) -> None:
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        while buffer:  # one pread moves at most ~2 GiB on Linux
+            n = os.preadv(fd, [buffer], offset)
+            if n == 0:
+                raise ValueError(f"{self.path}: truncated tensor {name}")
+            buffer, offset = buffer[n:], offset + n
+            self.bytes_read += n
 
 
 def load_model(
@@ -146,21 +167,24 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     progress: bool = False,
+    tp: TensorParallel = TensorParallel(),
 ) -> LlamaForCausalLM:
-    checkpoint = Path(checkpoint)
-    arch = ModelArchitecture.from_checkpoint(checkpoint)
+    """The model, or with `tp` one rank's shard of it: each rank reads only its own slices."""
+    path = Path(checkpoint)
+    arch = ModelArchitecture.from_checkpoint(path)
     dtype = parse_dtype(dtype)
     # Build on the meta device, then allocate once in the target dtype: no random init, no copy.
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch)
+        model = LlamaForCausalLM(arch, tp)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
-    tensors = iter_safetensors(checkpoint)
+    checkpoint = SafetensorsCheckpoint(path)
+    names = checkpoint.names()
     if progress:
-        tensors = tqdm(tensors, desc="Loading weights", unit=" tensors", total=count_tensors(checkpoint))
-    model.load_weights(tensors)
+        names = tqdm(names, desc="Loading weights", unit=" tensors")
+    model.load_weights(checkpoint, names)
     if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
-        pack_linears_for_cpu(model)
+        model.pack_for_cpu()
     return model.eval()
 
 

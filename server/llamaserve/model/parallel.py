@@ -1,0 +1,140 @@
+"""Layers that own their tensor-parallel slice: each allocates its local shape, loads only its slice
+from the checkpoint, and makes its collective an explicit call in `forward`.
+
+- ColumnParallelLinear splits output features (heads, MLP columns): no communication.
+- RowParallelLinear splits input features: each rank holds a partial sum, all-reduced.
+- VocabParallelEmbedding splits the vocabulary: a rank embeds the ids it owns, zeros the rest, all-reduce.
+- ParallelLMHead splits the vocabulary: each rank's logits are gathered on rank 0, which samples.
+
+With one rank every layer is the plain operation, with no communication at all.
+Checkpoint readers (llamaserve.model.loader.SafetensorsCheckpoint) offer `read(name, dim, start, stop)`.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .sharding import TensorParallel
+
+
+class Linear(nn.Module):
+    """Bias-free y = x W^T over this rank's slice of W. On CPU, `pack_for_cpu` hands the weight to
+    oneDNN in its own blocked layout: 2-3x faster than MKL's GEMM at decode batch sizes (measured on
+    this project's 2-core EPYC: 30 layers of SmolLM2 at 16 rows, 33 ms -> 11 ms in float32), and a row's
+    result does not depend on the rows beside it."""
+
+    PACK_BATCH_SIZE_HINT = 64  # oneDNN tunes the packed layout for about this many rows
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)  # [out, in]
+        self.packed = False
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def pack_for_cpu(self) -> None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.PACK_BATCH_SIZE_HINT)
+        self.weight = nn.Parameter(packed, requires_grad=False)  # a tied weight keeps its own copy
+        self.packed = True
+
+
+class ColumnParallelLinear(Linear):
+    """Several projections of one input fused into one weight (q/k/v, gate/up), each split by output rows.
+
+    `parts` maps a part's name to (its full output size, the shards it is cut into); a part with fewer
+    shards than ranks (KV heads under grouped-query attention) is replicated across consecutive ranks."""
+
+    def __init__(self, in_features: int, parts: dict[str, tuple[int, int]], tp: TensorParallel):
+        slices = {name: tp.shard(size, num_shards) for name, (size, num_shards) in parts.items()}
+        self.part_sizes = [stop - start for start, stop in slices.values()]  # local rows per part, to split by
+        super().__init__(in_features, sum(self.part_sizes))
+        self.slices = slices  # part -> rows [start, stop) of the checkpoint tensor
+        self.full_sizes = {name: size for name, (size, _) in parts.items()}  # part -> checkpoint rows
+        self.offsets = dict(zip(slices, [sum(self.part_sizes[:i]) for i in range(len(slices))]))  # in the fused weight
+
+    def checkpoint_shape(self, part: str) -> tuple[int, ...]:
+        return self.full_sizes[part], self.weight.shape[1]
+
+    def load_weight(self, checkpoint, name: str, part: str) -> None:
+        start, stop = self.slices[part]
+        offset = self.offsets[part]
+        self.weight.data[offset : offset + stop - start].copy_(checkpoint.read(name, 0, start, stop))
+
+
+class RowParallelLinear(Linear):
+    """Split by input features; the partial products of all ranks are summed in `forward`."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel):
+        columns = tp.shard(in_features)  # [start, stop) of the checkpoint tensor's input features
+        super().__init__(columns[1] - columns[0], out_features)
+        self.tp, self.columns, self.in_features = tp, columns, in_features
+
+    def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
+        return self.weight.shape[0], self.in_features
+
+    def load_weight(self, checkpoint, name: str, part: None = None) -> None:
+        self.weight.data.copy_(checkpoint.read(name, 1, *self.columns))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        if self.tp.size > 1:
+            dist.all_reduce(y)
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.start, self.stop, shard_size = tp.vocab_shard(vocab_size)
+        self.weight = nn.Parameter(torch.empty(shard_size, hidden_size), requires_grad=False)  # padded rows: 0
+        self.vocab_size = vocab_size
+
+    def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
+        return self.vocab_size, self.weight.shape[1]
+
+    def load_weight(self, checkpoint, name: str, part: None = None) -> None:
+        rows = self.stop - self.start
+        self.weight.data[:rows].copy_(checkpoint.read(name, 0, self.start, self.stop))
+        self.weight.data[rows:].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.start) & (ids < self.stop)
+        x = F.embedding((ids - self.start) * mine, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        dist.all_reduce(x)
+        return x
+
+
+class ParallelLMHead(Linear):
+    """The output projection over this rank's vocabulary shard; rank 0 gets the whole vocabulary's
+    logits, the other ranks None."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, tp: TensorParallel):
+        start, stop, shard_size = tp.vocab_shard(vocab_size)
+        super().__init__(hidden_size, shard_size)
+        self.tp, self.vocab_size, self.start, self.stop = tp, vocab_size, start, stop
+
+    def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
+        return self.vocab_size, self.weight.shape[1]
+
+    def load_weight(self, checkpoint, name: str, part: None = None) -> None:
+        rows = self.stop - self.start
+        self.weight.data[:rows].copy_(checkpoint.read(name, 0, self.start, self.stop))
+        self.weight.data[rows:].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:  # [n, hidden] -> [n, vocab] on rank 0
+        logits = self.matmul(x)  # [n, vocab shard]
+        if self.tp.size == 1:
+            return logits[:, : self.vocab_size]
+        shards = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
+        dist.gather(logits, shards, dst=0)
+        return torch.cat(shards, dim=-1)[:, : self.vocab_size] if self.tp.rank == 0 else None
