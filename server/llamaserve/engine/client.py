@@ -6,6 +6,7 @@ process dies the pipe closes, and every waiting stream raises EngineDeadError at
 """
 
 import asyncio
+import atexit
 import copy
 import logging
 import multiprocessing as mp
@@ -107,6 +108,9 @@ class AsyncEngineClient:
         process = ctx.Process(target=run_engine_core, args=(config, child_conn), name="llamaserve-engine")
         process.start()
         child_conn.close()  # so the pipe reports EOF when the engine process dies
+        # At interpreter exit multiprocessing joins the (non-daemon) engine, which exits on EOF: close
+        # our end first (atexit runs this before multiprocessing's own hook, registered earlier).
+        atexit.register(conn.close)
         try:
             ready = await asyncio.to_thread(conn.recv)
         except EOFError:
