@@ -1,11 +1,9 @@
 """A server of its own: chat-template errors, then the engine process killed under a live stream."""
 
-import json
-
 import httpx
 import psutil
 
-from tests.e2e.checks import assert_error_shape
+from tests.e2e.checks import assert_ends_engine_dead, assert_error_shape, kill_under_stream, spawned_children
 from tests.e2e.conftest import Server
 
 
@@ -17,20 +15,9 @@ def test_template_error_then_engine_death_ends_the_server(tmp_path):
         error = assert_error_shape(http.post("/v1/chat/completions", json={"messages": wrong_order}), 400, "messages")
         assert "roles must alternate" in error["message"]
 
-        [engine] = [p for p in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-        body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 1000,
-                "ignore_eos": True, "stream": True}
-        with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            lines = response.iter_lines()
-            while '"delta":{"content"' not in next(lines):  # the stream is under way
-                pass
-            engine.kill()
-            events = [line.removeprefix("data: ") for line in lines if line]
-        # The stream ends with one error event, then [DONE].
-        assert events[-1] == "[DONE]"
-        error = json.loads(events[-2])["error"]
-        assert error["code"] == "engine_dead" and error["type"] == "server_error"
-        assert all("error" not in json.loads(e) for e in events[:-2])
+        [engine] = spawned_children(psutil.Process(server.process.pid))
+        events, _ = kill_under_stream(http, engine)
+        assert_ends_engine_dead(events)
 
         try:  # the server may already have closed its socket
             assert_error_shape(http.get("/health"), 503)

@@ -1,14 +1,11 @@
 """`llamaserve serve --tensor-parallel-size 3` on the default model: the same answers as one rank, and a
 killed worker fails the pending stream at once and takes the server down with a non-zero exit."""
 
-import json
-import time
-
 import httpx
 import openai
 import psutil
 
-from tests.e2e.checks import assert_error_shape
+from tests.e2e.checks import assert_ends_engine_dead, assert_error_shape, kill_under_stream, spawned_children
 from tests.e2e.conftest import Server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -23,25 +20,14 @@ def test_three_ranks_serve_like_one_and_a_dead_worker_ends_the_server(tmp_path, 
         assert answer.choices[0].message.content == single.choices[0].message.content
         assert "Paris" in answer.choices[0].message.content
 
-        [engine] = [p for p in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-        workers = [p for p in engine.children() if "spawn_main" in " ".join(p.cmdline())]
+        [engine] = spawned_children(psutil.Process(server.process.pid))
+        workers = spawned_children(engine)
         assert len(workers) == 2
         http = httpx.Client(base_url=server.url, timeout=60)
-        body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 1000,
-                "ignore_eos": True, "stream": True}
-        with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            lines = response.iter_lines()
-            while '"delta":{"content"' not in next(lines):  # the stream is under way
-                pass
-            workers[1].kill()
-            killed = time.monotonic()
-            events = [line.removeprefix("data: ") for line in lines if line]
-            failed_after = time.monotonic() - killed
+        events, failed_after = kill_under_stream(http, workers[1])
         print(f"stream failed {failed_after:.2f} s after the worker was killed")
         assert failed_after < 5
-        assert events[-1] == "[DONE]"
-        error = json.loads(events[-2])["error"]
-        assert error["code"] == "engine_dead" and error["type"] == "server_error"
+        assert_ends_engine_dead(events)
         try:  # the server may already have closed its socket
             assert_error_shape(http.get("/health"), 503)
         except httpx.TransportError:

@@ -89,13 +89,13 @@ class RowParallelLinear(Linear):
         return y
 
 
-class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel):
-        super().__init__()
-        self.tp = tp
-        self.start, self.stop, shard_size = tp.vocab_shard(vocab_size)
-        self.weight = nn.Parameter(torch.empty(shard_size, hidden_size), requires_grad=False)  # padded rows: 0
-        self.vocab_size = vocab_size
+class VocabSharded:
+    """Loading for a weight of this rank's vocabulary rows [start, stop), padded to an equal shard size."""
+
+    weight: nn.Parameter  # [shard size, hidden]
+    vocab_size: int
+    start: int
+    stop: int
 
     def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
         return self.vocab_size, self.weight.shape[1]
@@ -103,7 +103,15 @@ class VocabParallelEmbedding(nn.Module):
     def load_weight(self, checkpoint, name: str, part: None = None) -> None:
         rows = self.stop - self.start
         self.weight.data[:rows].copy_(checkpoint.read(name, 0, self.start, self.stop))
-        self.weight.data[rows:].zero_()
+        self.weight.data[rows:].zero_()  # padding: embeds to 0, and its logits are cut off
+
+
+class VocabParallelEmbedding(VocabSharded, nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel):
+        super().__init__()
+        self.tp, self.vocab_size = tp, vocab_size
+        self.start, self.stop, shard_size = tp.vocab_shard(vocab_size)
+        self.weight = nn.Parameter(torch.empty(shard_size, hidden_size), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
         if self.tp.size == 1:
@@ -114,7 +122,7 @@ class VocabParallelEmbedding(nn.Module):
         return x
 
 
-class ParallelLMHead(Linear):
+class ParallelLMHead(VocabSharded, Linear):
     """The output projection over this rank's vocabulary shard; rank 0 gets the whole vocabulary's
     logits, the other ranks None."""
 
@@ -122,14 +130,6 @@ class ParallelLMHead(Linear):
         start, stop, shard_size = tp.vocab_shard(vocab_size)
         super().__init__(hidden_size, shard_size)
         self.tp, self.vocab_size, self.start, self.stop = tp, vocab_size, start, stop
-
-    def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
-        return self.vocab_size, self.weight.shape[1]
-
-    def load_weight(self, checkpoint, name: str, part: None = None) -> None:
-        rows = self.stop - self.start
-        self.weight.data[:rows].copy_(checkpoint.read(name, 0, self.start, self.stop))
-        self.weight.data[rows:].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:  # [n, hidden] -> [n, vocab] on rank 0
         logits = self.matmul(x)  # [n, vocab shard]
