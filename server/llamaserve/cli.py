@@ -26,7 +26,7 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--max-num-seqs", type=int, help="requests in one engine step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="tokens in one engine step; longer prompts are prefilled in chunks (default 512)")
-    p.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU in GiB (default 1)")
+    p.add_argument("--kv-cache-gib", type=float, help="KV cache size on CPU in GiB, per tensor-parallel rank (default 1)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="on GPU: fraction of device memory for weights, activations and KV cache (default 0.9)")
     p.add_argument("--block-size", type=int, help="tokens per KV cache block (default 16)")
@@ -42,6 +42,13 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--master-port", type=int, default=os.environ.get("MASTER_PORT"),
                    help="rendezvous port (default: $MASTER_PORT, else a free port)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="server log lines as text, or one JSON object per line (default text)")
+    p.add_argument("--log-requests", action="store_true", default=None,
+                   help="put each request's prompt and output text in its log line (default: numbers only)")
+    p.add_argument("--otlp-traces-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None,
+                   help="send a trace span per request to this OTLP/HTTP URL, e.g. http://localhost:4318/v1/traces "
+                   "(default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else tracing is off)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -57,6 +64,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llamaserve.api.app import create_app
+    from llamaserve.api.request_log import logging_config
 
     url = f"http://{server_config.host}:{server_config.port}"
 
@@ -73,7 +81,8 @@ def serve(args: argparse.Namespace) -> int:
     # The app answers an engine death with SIGTERM and exit_code 1 (see llamaserve.api.app); uvicorn
     # drains, restores this handler and re-raises, so the process exits with that code.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(app.state.exit_code))
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level)
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+                log_config=logging_config(server_config.log_format, server_config.log_level))
     return app.state.exit_code
 
 

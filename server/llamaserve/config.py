@@ -27,7 +27,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    kv_cache_gib: float = 1.0  # KV cache size on CPU (all layers, K and V)
+    kv_cache_gib: float = 1.0  # KV cache size on CPU (all layers, K and V), per tensor-parallel rank
     gpu_memory_utilization: float = 0.9  # on GPU: fraction of device memory the server may use
     enable_prefix_caching: bool = True  # reuse full blocks whose token prefix was computed before
     num_blocks: int | None = None  # fixed block count (tests, benchmarks); overrides the sizing above
@@ -80,12 +80,19 @@ class ServerConfig:
     port: int = 8000  # TCP port
     served_model_name: str | None = None  # the `model` name clients use; None: the checkpoint's name
     log_level: str = "info"  # debug | info | warning | error
+    log_format: str = "text"  # text | json (one JSON object per log line)
+    log_requests: bool = False  # request log lines carry the prompt and the output text
+    otlp_traces_endpoint: str | None = None  # OTLP/HTTP URL spans are sent to (.../v1/traces); None: no tracing
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_traces_endpoint must be an http:// or https:// URL, not {self.otlp_traces_endpoint!r}")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from opentelemetry.trace import TracerProvider
 
 from llamaserve.api.errors import APIError, engine_dead, install_error_handlers
+from llamaserve.api.metrics import CONTENT_TYPE, Metrics, rejection_reason
 from llamaserve.api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -34,6 +36,8 @@ from llamaserve.api.protocol import (
     TokenizeResponse,
 )
 from llamaserve.api.serving import OpenAIServing
+from llamaserve.api.telemetry import Telemetry, TelemetryMiddleware
+from llamaserve.api.tracing import RequestTracer, otlp_tracer_provider
 from llamaserve.config import EngineConfig, ServerConfig
 from llamaserve.engine.client import AsyncEngineClient
 from llamaserve.tokenizer import Tokenizer
@@ -100,18 +104,37 @@ async def ready(raw: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics(raw: Request) -> Response:
+    """Prometheus text format; the names are listed in the README."""
+    telemetry = raw.app.state.telemetry
+    if telemetry is None:
+        raise APIError(503, "the server is not ready", code="not_ready")
+    return Response(telemetry.metrics.render(), media_type=CONTENT_TYPE)
+
+
 def create_app(engine_config: EngineConfig, server_config: ServerConfig,
-               on_ready: Callable[[str], None] | None = None) -> FastAPI:
-    """The app; its lifespan starts the engine process and calls `on_ready(model_name)` once serving."""
+               on_ready: Callable[[str], None] | None = None,
+               tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine process and calls `on_ready(model_name)` once serving.
+
+    Spans go to `tracer_provider` when one is given (tests pass an in-memory exporter's), else to the
+    configured OTLP endpoint; with neither, tracing is off."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = await AsyncEngineClient.start(engine_config)
         loop = asyncio.get_running_loop()
+        provider, owns_provider = tracer_provider, False
+        if provider is None and server_config.otlp_traces_endpoint is not None:
+            provider, owns_provider = otlp_tracer_provider(server_config.otlp_traces_endpoint), True
         try:
             tokenizer = Tokenizer.from_checkpoint(client.ready.checkpoint, engine_config.model.chat_template)
             name = server_config.served_model_name or Path(client.ready.checkpoint).name
-            app.state.serving = OpenAIServing(client, tokenizer, name)
+            app.state.telemetry = Telemetry(Metrics(name, client.ready, lambda: client.stats),
+                                            RequestTracer(provider) if provider is not None else None,
+                                            server_config.log_requests)
+            app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry)
             # The process sentinel becomes readable when the engine process ends, for whatever reason.
             loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
             if on_ready is not None:
@@ -121,15 +144,25 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             app.state.draining = True
             loop.remove_reader(client.process.sentinel)
             client.shutdown()
+            if owns_provider:
+                provider.shutdown()  # exports the spans still batched
 
     app = FastAPI(title="llamaserve", version=version("llamaserve"), lifespan=lifespan,
                   description="OpenAI-compatible inference server for Llama-family models")
     app.state.serving = None
+    app.state.telemetry = None
     app.state.draining = False
     app.state.exit_code = 0  # 1 once the engine died: see the module docstring
-    install_error_handlers(app)
+    install_error_handlers(app, on_rejected=_count_rejection)
     app.include_router(router)
+    app.add_middleware(TelemetryMiddleware)
     return app
+
+
+def _count_rejection(raw: Request, error: APIError) -> None:
+    telemetry, reason = raw.app.state.telemetry, rejection_reason(error)
+    if telemetry is not None and reason is not None:
+        telemetry.metrics.rejected[reason].inc()
 
 
 def _on_engine_exit(app: FastAPI, loop: asyncio.AbstractEventLoop, client: AsyncEngineClient) -> None:

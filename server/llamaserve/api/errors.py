@@ -5,6 +5,7 @@ a dead engine a 503; anything unexpected is logged here and answered with a bare
 """
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,19 +82,26 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"Invalid value for '{param}': {error['msg']}", param)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, APIError], None] | None = None) -> None:
+    """`on_rejected(request, error)` hears of every error answered by a matched route (for metrics)."""
+
+    def refuse(request: Request, error: APIError) -> JSONResponse:
+        if on_rejected is not None:
+            on_rejected(request, error)
+        return error.response()
+
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return refuse(request, exc)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return refuse(request, validation_error(exc))
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
     async def on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return engine_dead().response()
+        return refuse(request, engine_dead())
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         return internal_error().response()  # Starlette re-raises it after this, so uvicorn logs the trace

@@ -45,6 +45,7 @@ from llamaserve.api.protocol import (
     Usage,
 )
 from llamaserve.api.streaming import event_stream, merge, sse_event
+from llamaserve.api.telemetry import GenerationRecord, Telemetry
 from llamaserve.engine.client import AsyncEngineClient
 from llamaserve.engine.messages import TokenLogprobs, kv_blocks_needed
 from llamaserve.sampling_params import SamplingParams
@@ -104,23 +105,26 @@ class UsageCounter:
 
 
 class OpenAIServing:
-    def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str):
+    def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str, telemetry: Telemetry):
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.telemetry = telemetry
         self.max_model_len = client.ready.max_model_len
         self.created = int(time.time())
 
     # ---- endpoints --------------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        record = self.telemetry.start(raw, "chat", request, response_id)
         self._check_serving(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         prompt_ids = self._chat_prompt(request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         choices = self._choices(request, [prompt_ids], logprobs, prompt_param="messages")
-        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        record.track([(c.prompt_index, c.prompt_ids) for c in choices])
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse_event(ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
@@ -130,7 +134,7 @@ class OpenAIServing:
             for c in choices:  # the role comes first, before any text
                 yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
             usage = UsageCounter(choices)
-            async for d in self._generate(response_id, choices, request.priority):
+            async for d in self._generate(response_id, choices, request.priority, record):
                 usage.add(d)
                 if d.text or d.logprobs or d.finish_reason:
                     lp = self._chat_logprobs([d]) if logprobs is not None else None
@@ -142,7 +146,7 @@ class OpenAIServing:
 
         if request.stream:
             return event_stream(events())
-        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority))
+        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority, record))
         return json_response(ChatCompletion(
             id=response_id, created=created, model=self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
             choices=[
@@ -155,9 +159,11 @@ class OpenAIServing:
         ))
 
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
+        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        record = self.telemetry.start(raw, "text_completion", request, response_id)
         self._check_serving(request.model)
         choices = self._choices(request, self._completion_prompts(request.prompt), request.logprobs, "prompt")
-        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        record.track([(c.prompt_index, c.prompt_ids) for c in choices])
 
         def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
             return Completion(id=response_id, created=created, model=self.model_name,
@@ -168,7 +174,7 @@ class OpenAIServing:
 
         async def events() -> AsyncIterator[str]:
             usage = UsageCounter(choices)
-            async for d in self._generate(response_id, choices, request.priority):
+            async for d in self._generate(response_id, choices, request.priority, record):
                 usage.add(d)
                 if d.text or d.logprobs or d.finish_reason:
                     choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs([d]),
@@ -179,7 +185,7 @@ class OpenAIServing:
 
         if request.stream:
             return event_stream(events())
-        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority))
+        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority, record))
         return json_response(completion(
             [CompletionChoice(index=i, text="".join(d.text for d in ds), logprobs=logprobs(ds),
                               finish_reason=ds[-1].finish_reason) for i, ds in deltas.items()],
@@ -256,7 +262,7 @@ class OpenAIServing:
         if blocks > ready.num_kv_blocks:
             raise bad_request(f"the prompt ({num_prompt_tokens} tokens) with max_tokens {max_tokens} may need "
                               f"{blocks} KV cache blocks but the cache holds {ready.num_kv_blocks}; lower max_tokens",
-                              "max_tokens")
+                              "max_tokens", "context_length_exceeded")
         return max_tokens
 
     def _choices(self, request: SamplingRequest, prompts: list[list[int]], logprobs: int | None,
@@ -296,37 +302,54 @@ class OpenAIServing:
 
     # ---- engine outputs -> deltas -----------------------------------------------------------
 
-    def _generate(self, response_id: str, choices: list[ChoiceRequest], priority: int) -> AsyncIterator[ChoiceDelta]:
-        return merge([self._run_choice(f"{response_id}-{c.index}", c, priority) for c in choices])
+    def _generate(self, response_id: str, choices: list[ChoiceRequest], priority: int,
+                  record: GenerationRecord) -> AsyncIterator[ChoiceDelta]:
+        return merge([self._run_choice(f"{response_id}-{c.index}", c, priority, record) for c in choices])
 
-    async def _run_choice(self, request_id: str, choice: ChoiceRequest, priority: int) -> AsyncIterator[ChoiceDelta]:
+    async def _run_choice(self, request_id: str, choice: ChoiceRequest, priority: int,
+                          record: GenerationRecord) -> AsyncIterator[ChoiceDelta]:
         params = choice.params
         detokenizer = IncrementalDetokenizer(self.tokenizer, choice.prompt_ids, params.skip_special_tokens)
         matcher = StopStringMatcher(params.stop)
         decoded_len = 0  # characters decoded so far, held-back ones included (logprob text offsets)
-        async with aclosing(self.client.generate(request_id, choice.prompt_ids, params, priority)) as outputs:
-            async for out in outputs:  # leaving this loop early aborts the engine request
-                if out.finish_reason == "error":  # the engine refused the request
-                    raise bad_request(out.error or "the engine refused the request")
-                if out.finish_reason == "abort":
-                    raise RuntimeError(f"the engine aborted request {request_id}")
-                # No flush at the end: a character cut by max_tokens is dropped rather than sent as U+FFFD.
-                decoded = detokenizer.push(out.new_token_ids)
-                text = matcher.push(decoded)
-                finish_reason = "stop" if matcher.stopped else out.finish_reason
-                if finish_reason is not None and not matcher.stopped:
-                    text += matcher.flush()
-                yield ChoiceDelta(choice.index, choice.prompt_index, text, out.new_token_ids, out.logprobs,
-                                  decoded_len, finish_reason, out.num_cached_tokens)
-                decoded_len += len(decoded)
-                if finish_reason is not None:
-                    return
+        metrics = record.choices[choice.index]
+        ended = None  # how the request ended; None when the consumer stopped early (a client gone): abort
+        try:
+            async with aclosing(self.client.generate(request_id, choice.prompt_ids, params, priority)) as outputs:
+                async for out in outputs:  # leaving this loop early aborts the engine request
+                    metrics.output(out)
+                    if out.finish_reason == "error":  # the engine refused the request
+                        raise bad_request(out.error or "the engine refused the request")
+                    if out.finish_reason == "abort":
+                        ended = "abort"
+                        raise RuntimeError(f"the engine aborted request {request_id}")
+                    # No flush at the end: a character cut by max_tokens is dropped rather than sent as U+FFFD.
+                    decoded = detokenizer.push(out.new_token_ids)
+                    text = matcher.push(decoded)
+                    finish_reason = "stop" if matcher.stopped else out.finish_reason
+                    if finish_reason is not None and not matcher.stopped:
+                        text += matcher.flush()
+                    record.text(choice.index, text)
+                    if finish_reason is not None:  # counted before the client can see the end
+                        ended = finish_reason
+                        metrics.finish(finish_reason)
+                    yield ChoiceDelta(choice.index, choice.prompt_index, text, out.new_token_ids, out.logprobs,
+                                      decoded_len, finish_reason, out.num_cached_tokens)
+                    decoded_len += len(decoded)
+                    if finish_reason is not None:
+                        return
+        except Exception as e:
+            ended = ended or "error"
+            record.fail(e)
+            raise
+        finally:
+            metrics.finish(ended or "abort")
 
-    async def _collect(self, response_id: str, choices: list[ChoiceRequest],
-                       priority: int) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
+    async def _collect(self, response_id: str, choices: list[ChoiceRequest], priority: int,
+                       record: GenerationRecord) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
         deltas: dict[int, list[ChoiceDelta]] = {c.index: [] for c in choices}
         usage = UsageCounter(choices)
-        async with aclosing(self._generate(response_id, choices, priority)) as stream:
+        async with aclosing(self._generate(response_id, choices, priority, record)) as stream:
             async for d in stream:
                 deltas[d.index].append(d)
                 usage.add(d)

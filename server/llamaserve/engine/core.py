@@ -1,10 +1,11 @@
 """The engine loop: schedule -> execute -> update."""
 
+from bisect import bisect_left
 from collections.abc import Callable
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.block_manager import BlockManager
-from llamaserve.engine.messages import AddRequest, EngineStats, RequestOutput
+from llamaserve.engine.messages import ITERATION_TOKENS_BUCKETS, AddRequest, EngineStats, RequestOutput
 from llamaserve.engine.model_runner import ModelRunner, RunnerOutput
 from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
@@ -63,6 +64,11 @@ class EngineCore:
         s = self.stats
         s.steps += 1
         s.computed_tokens += step.num_batched_tokens
+        if step.num_batched_tokens:  # a step that only reports aborts ran no model
+            # A fresh list: the shallow copy sent with this step's outputs must not change afterwards.
+            counts = list(s.iteration_tokens_counts)
+            counts[bisect_left(ITERATION_TOKENS_BUCKETS, step.num_batched_tokens)] += 1
+            s.iteration_tokens_counts = counts
         s.generated_tokens += len(result.token_ids)
         s.preemptions += len(step.preempted_ids)
         s.prefix_queried_tokens = self.block_manager.prefix_queries_tokens
@@ -85,5 +91,6 @@ class EngineCore:
             arrival_time=request.arrival_time,
             first_scheduled_time=request.first_scheduled_time,
             first_token_time=request.first_token_time,
+            token_time=request.token_times[-1] if sampled else None,
             finished_time=request.finished_time,
         )

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from llamaserve.sampling_params import SamplingParams
 
 
+# Upper bounds of the tokens-per-engine-step histogram: one decode of a 135M model on a CPU up to
+# 16k-token prefill steps of a 70B model on GPUs. The engine counts steps per bucket (see EngineStats).
+ITERATION_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 def kv_blocks_needed(max_num_tokens: int, block_size: int) -> int:
     """KV blocks a request of at most `max_num_tokens` (prompt + output) can occupy: its last sampled
     token never enters the cache. The engine refuses requests that need more than the cache holds,
@@ -48,6 +53,7 @@ class RequestOutput:
     arrival_time: float | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    token_time: float | None = None  # when new_token_ids were sampled (one inter-token gap per token)
     finished_time: float | None = None
 
     @property
@@ -68,6 +74,9 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks held by requests
+    # Model steps by tokens computed, one count per ITERATION_TOKENS_BUCKETS bound, then one for larger
+    # steps: a histogram kept in the engine, so that steps which send no message are counted too.
+    iteration_tokens_counts: list[int] = field(default_factory=lambda: [0] * (len(ITERATION_TOKENS_BUCKETS) + 1))
 
 
 @dataclass
