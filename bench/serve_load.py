@@ -5,13 +5,20 @@
 
 Every request asks for exactly --max-tokens tokens (ignore_eos) at temperature 0. Output tokens/s =
 all streamed tokens / wall seconds; TTFT and inter-token latency are measured at the client.
+
+Tracing overhead: serve with `--otlp-traces-endpoint http://127.0.0.1:4318/v1/traces` and run this with
+`--traceparent --otlp-sink 4318`: every request then carries a W3C traceparent (as from a tracing load
+balancer) and the spans the server exports are received and counted here.
 """
 
 import argparse
 import asyncio
 import json
+import secrets
 import statistics
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
@@ -19,13 +26,46 @@ TOPICS = ["the history of lighthouses", "how bread rises", "the water cycle", "w
           "the rules of chess", "how a bicycle stays upright", "the life of bees", "volcanoes"]
 
 
-async def one_request(http: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> tuple[float, list[float], int]:
+class OTLPSink:
+    """An OTLP/HTTP receiver on 127.0.0.1 that counts the spans a traced server exports to it."""
+
+    def __init__(self, port: int):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        sink = self
+        self.spans = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                request = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+                sink.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    async def wait_for(self, spans: int, timeout: float) -> int:
+        """The spans received once `spans` arrived or `timeout` passed (the exporter sends every few seconds)."""
+        deadline = time.monotonic() + timeout
+        while self.spans < spans and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.spans
+
+
+async def one_request(http: httpx.AsyncClient, model: str, i: int, max_tokens: int,
+                      traceparent: bool = False) -> tuple[float, list[float], int]:
     body = {"model": model, "messages": [{"role": "user", "content": f"Write about {TOPICS[i % len(TOPICS)]}."}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     arrivals, tokens = [], 0
-    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+    headers = {"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"} if traceparent else {}
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -44,7 +84,11 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--traceparent", action="store_true", help="send a fresh W3C traceparent with each request")
+    parser.add_argument("--otlp-sink", type=int, metavar="PORT",
+                        help="receive and count the server's OTLP/HTTP spans on 127.0.0.1:PORT")
     args = parser.parse_args()
+    sink = OTLPSink(args.otlp_sink) if args.otlp_sink else None
     async with httpx.AsyncClient(base_url=args.url, timeout=600) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         await one_request(http, model, 0, 4)  # warm-up
@@ -52,11 +96,14 @@ async def main() -> None:
 
         async def limited(i):
             async with slots:
-                return await one_request(http, model, i, args.max_tokens)
+                return await one_request(http, model, i, args.max_tokens, args.traceparent)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(i) for i in range(args.requests)))
         seconds = time.perf_counter() - start
+        if sink is not None:  # the warm-up request's span too
+            print(f"spans received: {await sink.wait_for(args.requests + 1, timeout=15)} "
+                  f"(of {args.requests + 1} requests)")
     tokens = sum(r[2] for r in results)
     ttft = sorted(r[0] for r in results)
     itl = sorted(gap for r in results for gap in r[1])
