@@ -8,7 +8,7 @@ import torch
 from llamaserve.cli import main
 from llamaserve.model.architecture import ModelArchitecture
 from llamaserve.model.llama import LlamaForCausalLM
-from llamaserve.model.sharding import heads_per_rank
+from llamaserve.model.sharding import TensorParallel, heads_per_rank
 from llamaserve.plan import plan_deployment, plan_rank
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -47,14 +47,19 @@ def test_llama2_weight_and_kv_bytes_per_rank(name):
     assert plan.usable_bytes == int(80 * 2**30 * 0.9) - weight_bytes - plan.activation_bytes
 
 
-@pytest.mark.parametrize("name", LLAMA2)
-def test_tp1_weight_bytes_equal_the_meta_model(name):
+@pytest.mark.parametrize("name, tp", [("7b", 1), ("13b", 1), ("70b", 1), ("7b", 4), ("13b", 8), ("70b", 8),
+                                      ("70b", 16)])
+def test_every_rank_of_the_meta_model_holds_what_the_plan_says(name, tp):
+    """The parallel layers, built on the meta device for each rank, against the plan's formula (70B at
+    tp=16 replicates each KV head on two ranks)."""
     arch = ModelArchitecture.from_yaml(CONFIGS / f"llama-2-{name}-chat.yaml")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(arch).to(torch.float16)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    plan = plan_deployment(CONFIGS / f"llama-2-{name}-chat.yaml", gpu_memory_gib=80, tensor_parallel_size=1)
-    assert plan.weight_bytes == model_bytes
+    plan = plan_deployment(CONFIGS / f"llama-2-{name}-chat.yaml", gpu_memory_gib=80, tensor_parallel_size=tp)
+    for rank in sorted({0, tp - 1}):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(arch, TensorParallel(rank, tp)).to(torch.float16)
+        assert sum(p.numel() * p.element_size() for p in model.parameters()) == plan.weight_bytes
+        attention = model.model.layers[0].self_attn
+        assert (attention.num_heads, attention.num_kv_heads) == (plan.q_heads, plan.kv_heads)
 
 
 def test_tied_embeddings_are_counted_once():
