@@ -35,6 +35,9 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--policy", choices=["fcfs", "priority"], help="admission order (default fcfs)")
     p.add_argument("--chat-template", help="built-in template name (llama-2) or a .jinja file "
                    "(default: the checkpoint's own)")
+    p.add_argument("--max-concurrent-requests", type=int,
+                   help="generations (one per choice) running or queued at once; more are refused with 429 and "
+                   "Retry-After, so a load balancer can send them elsewhere (default 256)")
     p.add_argument("--tensor-parallel-size", "--tp", type=int,
                    help="split every layer across this many ranks, one process (and GPU) each (default 1)")
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),

@@ -80,6 +80,7 @@ class ServerConfig:
     port: int = 8000  # TCP port
     served_model_name: str | None = None  # the `model` name clients use; None: the checkpoint's name
     log_level: str = "info"  # debug | info | warning | error
+    max_concurrent_requests: int = 256  # engine requests (one per choice) in flight; beyond: 429 + Retry-After
     log_format: str = "text"  # text | json (one JSON object per log line)
     log_requests: bool = False  # request log lines carry the prompt and the output text
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP URL spans are sent to (.../v1/traces); None: no tracing
@@ -89,6 +90,8 @@ class ServerConfig:
             raise ValueError("port must be in 1..65535")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(("http://", "https://")):

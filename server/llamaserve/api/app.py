@@ -134,7 +134,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             app.state.telemetry = Telemetry(Metrics(name, client.ready, lambda: client.stats),
                                             RequestTracer(provider) if provider is not None else None,
                                             server_config.log_requests)
-            app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry)
+            app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry,
+                                              server_config.max_concurrent_requests)
             # The process sentinel becomes readable when the engine process ends, for whatever reason.
             loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
             if on_ready is not None:

@@ -19,24 +19,32 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     @property
     def info(self) -> ErrorInfo:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        # An overloaded server is not the request's fault: the client should retry, not fix it.
+        kind = "invalid_request_error" if self.status < 500 and self.status != 429 else "server_error"
         return ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
+
+
+def overloaded(limit: int) -> APIError:
+    return APIError(429, f"the server is at its limit of {limit} concurrent generations; retry shortly",
+                    code="overloaded", headers={"Retry-After": "1"})
 
 
 def engine_dead() -> APIError:

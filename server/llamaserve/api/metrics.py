@@ -168,7 +168,7 @@ def rejection_reason(error: APIError) -> str | None:
     errors that are not a refusal (a client gone, a server fault)."""
     if error.status in (401, 403):
         return "unauthorized"
-    if error.status in (429, 503):  # the server cannot take requests now (engine down, shutting down)
+    if error.status in (429, 503):  # the server cannot take requests now (at its limit, engine down, draining)
         return "overloaded"
     if error.code == "context_length_exceeded":
         return "too_long"

@@ -18,7 +18,7 @@ from typing import TypeVar
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from llamaserve.api.errors import APIError, bad_request, engine_dead
+from llamaserve.api.errors import APIError, bad_request, engine_dead, overloaded
 from llamaserve.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -105,8 +105,10 @@ class UsageCounter:
 
 
 class OpenAIServing:
-    def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str, telemetry: Telemetry):
+    def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str, telemetry: Telemetry,
+                 max_concurrent_requests: int):
         self.client = client
+        self.max_concurrent_requests = max_concurrent_requests
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.telemetry = telemetry
@@ -124,6 +126,7 @@ class OpenAIServing:
         prompt_ids = self._chat_prompt(request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         choices = self._choices(request, [prompt_ids], logprobs, prompt_param="messages")
+        self._admit(len(choices))
         record.track([(c.prompt_index, c.prompt_ids) for c in choices])
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -163,6 +166,7 @@ class OpenAIServing:
         record = self.telemetry.start(raw, "text_completion", request, response_id)
         self._check_serving(request.model)
         choices = self._choices(request, self._completion_prompts(request.prompt), request.logprobs, "prompt")
+        self._admit(len(choices))
         record.track([(c.prompt_index, c.prompt_ids) for c in choices])
 
         def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
@@ -219,6 +223,14 @@ class OpenAIServing:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
                            "model", "model_not_found")
+
+    def _admit(self, num_choices: int) -> None:
+        """Refuse, with 429 and Retry-After, what would take the server past its concurrency limit."""
+        if num_choices > self.max_concurrent_requests:  # could never run: retrying would not help
+            raise bad_request(f"{num_choices} choices exceed the server's limit of {self.max_concurrent_requests} "
+                              "concurrent generations", "n")
+        if self.client.num_requests + num_choices > self.max_concurrent_requests:
+            raise overloaded(self.max_concurrent_requests)
 
     def _chat_prompt(self, messages, add_generation_prompt: bool = True) -> list[int]:
         try:

@@ -127,6 +127,11 @@ class AsyncEngineClient:
         loop.add_reader(self._conn.fileno(), self._on_readable)
 
     @property
+    def num_requests(self) -> int:
+        """Requests generating now (running or queued in the engine)."""
+        return len(self._streams)
+
+    @property
     def is_alive(self) -> bool:
         return self._dead is None and self.process.is_alive()
 
