@@ -2,9 +2,11 @@
 `llamaserve COMMAND --help` documents every flag."""
 
 import argparse
+import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 
 
 def add_serve_parser(subcommands) -> None:
@@ -58,12 +60,14 @@ def serve(args: argparse.Namespace) -> int:
     from llamaserve.config import load_config
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    options["show_progress"] = True
     try:
         engine_config, server_config = load_config(args.config, **options)
     except (ValueError, TypeError, OSError) as e:
         print(f"llamaserve: {e}", file=sys.stderr)
         return 2
+    # People get a loading progress bar and a banner; log shippers (json) get only log lines.
+    for_people = server_config.log_format == "text"
+    engine_config = replace(engine_config, model=replace(engine_config.model, show_progress=for_people))
     import uvicorn
 
     from llamaserve.api.app import create_app
@@ -72,6 +76,9 @@ def serve(args: argparse.Namespace) -> int:
     url = f"http://{server_config.host}:{server_config.port}"
 
     def on_ready(model_name: str) -> None:
+        if not for_people:
+            logging.getLogger("llamaserve.server").info("ready", extra={"fields": {"url": url, "model": model_name}})
+            return
         print(
             f"\nllamaserve is ready: {url} serving {model_name!r}\n\n"
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"

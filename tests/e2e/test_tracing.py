@@ -161,6 +161,9 @@ def test_spans_reach_an_otlp_receiver_and_logs_are_json_without_text(tmp_path):
 
     log = server.log_path.read_text()
     assert SECRET not in log
+    lines = [json.loads(x) for x in log.splitlines() if x.strip()]  # every line, the engine's too, is JSON
+    assert any(line.get("process") == "engine" for line in lines)
+    assert any(line["logger"] == "llamaserve.server" and line["message"] == "ready" for line in lines)
     [line] = [json.loads(x) for x in log.splitlines() if '"llamaserve.requests"' in x]
     assert set(line) == LOG_FIELDS | {"time", "level", "logger", "message"}
     assert line["id"] == events[0]["id"] and line["trace_id"] == TRACE_ID and line["status"] == 200

@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamaserve.api.errors import APIError, bad_request
 from llamaserve.api.metrics import Metrics, RequestMetrics, rejection_reason
-from llamaserve.api.request_log import JsonFormatter, TextFormatter, logging_config
+from llamaserve.api.request_log import logging_config
+from llamaserve.logs import JsonFormatter, TextFormatter
 from llamaserve.cli import add_serve_parser
 from llamaserve.config import ServerConfig, load_config
 from llamaserve.engine.client import EngineReady
@@ -123,7 +124,7 @@ def test_logging_config_adds_our_loggers_in_the_chosen_format():
     text, as_json = logging_config("text", "info"), logging_config("json", "debug")
     assert text["loggers"]["llamaserve"]["level"] == "INFO" and as_json["loggers"]["llamaserve"]["level"] == "DEBUG"
     assert text["formatters"]["llamaserve"]["()"].endswith("TextFormatter")
-    assert {f["()"] for f in as_json["formatters"].values()} == {"llamaserve.api.request_log.JsonFormatter"}
+    assert {f["()"] for f in as_json["formatters"].values()} == {"llamaserve.logs.JsonFormatter"}
     assert text["formatters"]["default"]["()"] == "uvicorn.logging.DefaultFormatter"  # uvicorn's lines unchanged
 
 

@@ -123,7 +123,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = await AsyncEngineClient.start(engine_config)
+        client = await AsyncEngineClient.start(engine_config, server_config.log_format)
         loop = asyncio.get_running_loop()
         provider, owns_provider = tracer_provider, False
         if provider is None and server_config.otlp_traces_endpoint is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.messages import AbortRequests, AddRequest, EngineStats, RequestOutput, StepOutputs
+from llamaserve.logs import configure_process
 from llamaserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,11 @@ def _exit_engine(reason: str) -> None:
     os._exit(1)
 
 
-def run_engine_core(config: EngineConfig, conn) -> None:
+def run_engine_core(config: EngineConfig, conn, log_format: str = "text") -> None:
     """Entry point of the engine process: step while there is work, block on the pipe when idle."""
     from llamaserve.engine.core import EngineCore  # torch is imported in this process only
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    configure_process("engine", log_format)
     try:
         core = EngineCore(config, on_worker_death=_exit_engine)
     except Exception as e:  # report why startup failed instead of dying silently
@@ -101,11 +102,12 @@ class AsyncEngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    async def start(cls, config: EngineConfig) -> "AsyncEngineClient":
+    async def start(cls, config: EngineConfig, log_format: str = "text") -> "AsyncEngineClient":
+        """Start the engine process (it logs in `log_format`, text or json) and wait until it is ready."""
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited event loop or threads
         conn, child_conn = ctx.Pipe()
         # Not a daemon: it starts tensor-parallel workers. It exits by itself when this process goes (EOF).
-        process = ctx.Process(target=run_engine_core, args=(config, child_conn), name="llamaserve-engine")
+        process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_format), name="llamaserve-engine")
         process.start()
         child_conn.close()  # so the pipe reports EOF when the engine process dies
         # At interpreter exit multiprocessing joins the (non-daemon) engine, which exits on EOF: close

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from llamaserve.config import EngineConfig
+from llamaserve.logs import configure_process, process_format
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class WorkerGroup:
         ctx = mp.get_context("spawn")
         self.config = config
         self.processes = [
-            ctx.Process(target=run_worker, args=(config, rank), name=f"llamaserve-tp{rank}", daemon=True)
+            ctx.Process(target=run_worker, args=(config, rank, process_format()), name=f"llamaserve-tp{rank}",
+                        daemon=True)
             for rank in range(1, config.parallel.tensor_parallel_size)
         ]
         for process in self.processes:
@@ -101,11 +103,11 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
 
-def run_worker(config: EngineConfig, rank: int) -> None:
+def run_worker(config: EngineConfig, rank: int, log_format: str = "text") -> None:
     """Entry point of a worker process: load this rank's shard, then run every step rank 0 broadcasts."""
     from llamaserve.engine.model_runner import ModelRunner
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
+    configure_process(f"tp{rank}", log_format)
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     runner = ModelRunner(config, rank)
     runner.follow()
