@@ -94,19 +94,22 @@ def test_default_model_matches_transformers(default_checkpoint):
     assert "Paris" in tokenizer.decode(ours)
 
 
-def test_default_model_load_memory(default_checkpoint):
-    """Streaming load keeps peak RSS near the model's own size (float32: 513 MiB, plus a CPU-packed copy
-    of the tied embedding for the output head)."""
+@pytest.mark.parametrize("rank, tp", [(0, 1), (1, 3)], ids=["whole", "rank-1-of-3"])
+def test_default_model_load_memory(default_checkpoint, rank, tp):
+    """Streaming load keeps peak RSS near what the process holds (float32: 513 MiB, plus a CPU-packed copy
+    of the tied embedding for the output head); a tensor-parallel rank's peak is near its own shard."""
     code = (
         "import re, sys, time, torch; from llamaserve.model.loader import load_model;"
+        "from llamaserve.model.sharding import TensorParallel;"
         # VmHWM is this process's own peak; ru_maxrss would carry over pytest's peak across fork.
         "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024;"
-        "before = peak(); t = time.time(); m = load_model(sys.argv[1]); seconds = time.time() - t;"
-        "size = sum(p.numel() * p.element_size() for p in m.parameters());"
+        "before = peak(); t = time.time();"
+        "m = load_model(sys.argv[1], tp=TensorParallel(int(sys.argv[2]), int(sys.argv[3])));"
+        "seconds = time.time() - t; size = sum(p.numel() * p.element_size() for p in m.parameters());"
         "print(size, peak() - before, seconds)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(default_checkpoint)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(default_checkpoint), str(rank), str(tp)],
+                         capture_output=True, text=True, check=True)
     size, growth, seconds = out.stdout.split()
     print(f"weights {int(size) / 2**20:.0f} MiB, peak RSS growth {int(growth) / 2**20:.0f} MiB, "
           f"load {float(seconds):.2f} s")
