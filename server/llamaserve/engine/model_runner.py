@@ -73,13 +73,7 @@ class ModelRunner:
         self.workers, self.worker_failure = None, None
         self._threads_before = torch.get_num_threads()
         if self.tp.size > 1:
-            if rank == 0:
-                self.workers, config = WorkerGroup.start(config, on_worker_death or self._worker_died)
-            if self.device.type == "cpu":  # ranks share this host's cores instead of each taking all
-                torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.tp.size))
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            self.step_group = init_process_group(config, rank, self.device)
+            config = self._join_group(config, on_worker_death)
         self.config = config
         self.model = load_model(self.checkpoint, self.dtype, self.device, tp=self.tp,
                                 progress=config.model.show_progress and rank == 0)
@@ -96,6 +90,18 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
+
+    def _join_group(self, config: EngineConfig, on_worker_death: Callable[[str], None] | None) -> EngineConfig:
+        """Rank 0 starts the workers (fixing the rendezvous port); every rank then joins the group.
+        Returns the config with the port fixed."""
+        if self.tp.rank == 0:
+            self.workers, config = WorkerGroup.start(config, on_worker_death or self._worker_died)
+        if self.device.type == "cpu":  # ranks share this host's cores instead of each taking all
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.tp.size))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.step_group = init_process_group(config, self.tp.rank, self.device)
+        return config
 
     def _kv_bytes_per_block(self) -> int:
         """K and V, every layer, this rank's KV heads: 2 x layers x block_size x kv_heads x head_dim x element."""
