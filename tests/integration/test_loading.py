@@ -97,7 +97,8 @@ def test_default_model_matches_transformers(default_checkpoint):
 @pytest.mark.parametrize("rank, tp", [(0, 1), (1, 3)], ids=["whole", "rank-1-of-3"])
 def test_default_model_load_memory(default_checkpoint, rank, tp):
     """Streaming load keeps peak RSS near what the process holds (float32: 513 MiB, plus a CPU-packed copy
-    of the tied embedding for the output head); a tensor-parallel rank's peak is near its own shard."""
+    of the tied embedding for the output head); a tensor-parallel rank's peak is near its own shard
+    (207 MiB), far below the whole model."""
     code = (
         "import re, sys, time, torch; from llamaserve.model.loader import load_model;"
         "from llamaserve.model.sharding import TensorParallel;"
@@ -113,4 +114,6 @@ def test_default_model_load_memory(default_checkpoint, rank, tp):
     size, growth, seconds = out.stdout.split()
     print(f"weights {int(size) / 2**20:.0f} MiB, peak RSS growth {int(growth) / 2**20:.0f} MiB, "
           f"load {float(seconds):.2f} s")
-    assert int(growth) < 1.3 * int(size)
+    # A second copy of the weights would add `size`; what is allowed beyond them is a fixed working space
+    # (allocator, oneDNN packing, one tensor being read), seen at 48-79 MiB.
+    assert int(growth) < int(size) + 192 * 2**20
