@@ -111,14 +111,14 @@ class ModelRunner:
     def _num_kv_blocks(self) -> int:
         """Each rank sizes its cache for its own KV heads; with several ranks all take the smallest count,
         since one block table addresses every rank's cache."""
-        blocks = self._num_kv_blocks_here()
+        blocks = self._kv_blocks_that_fit()
         if self.tp.size > 1:
             count = torch.tensor([blocks])
             dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.step_group)
             blocks = int(count)
         return blocks
 
-    def _num_kv_blocks_here(self) -> int:
+    def _kv_blocks_that_fit(self) -> int:
         cache = self.config.cache
         per_block = self._kv_bytes_per_block()
         if cache.num_blocks is not None:

@@ -104,7 +104,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, arch: ModelArchitecture, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.arch, self.tp = arch, tp
+        self.arch = arch
         self.model = LlamaModel(arch, tp)
         self.rotary = RotaryEmbedding(arch)
         self.attn_backend = self.model.layers[0].self_attn.backend if arch.num_hidden_layers else None

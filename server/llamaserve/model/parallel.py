@@ -53,18 +53,18 @@ class ColumnParallelLinear(Linear):
 
     def __init__(self, in_features: int, parts: dict[str, tuple[int, int]], tp: TensorParallel):
         slices = {name: tp.shard(size, num_shards) for name, (size, num_shards) in parts.items()}
-        self.part_sizes = [stop - start for start, stop in slices.values()]  # local rows per part, to split by
-        super().__init__(in_features, sum(self.part_sizes))
+        sizes = [stop - start for start, stop in slices.values()]
+        super().__init__(in_features, sum(sizes))
+        self.part_sizes = sizes  # local rows of each part, in order: how the output splits
         self.slices = slices  # part -> rows [start, stop) of the checkpoint tensor
         self.full_sizes = {name: size for name, (size, _) in parts.items()}  # part -> checkpoint rows
-        self.offsets = dict(zip(slices, [sum(self.part_sizes[:i]) for i in range(len(slices))]))  # in the fused weight
 
     def checkpoint_shape(self, part: str) -> tuple[int, ...]:
         return self.full_sizes[part], self.weight.shape[1]
 
     def load_weight(self, checkpoint, name: str, part: str) -> None:
         start, stop = self.slices[part]
-        offset = self.offsets[part]
+        offset = sum(self.part_sizes[: list(self.slices).index(part)])  # where the part sits in the fused weight
         self.weight.data[offset : offset + stop - start].copy_(checkpoint.read(name, 0, start, stop))
 
 
