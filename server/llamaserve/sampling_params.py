@@ -1,12 +1,17 @@
 """How one request wants its tokens chosen and when it stops (the engine sees token ids only)."""
 
+import math
 from dataclasses import dataclass, field
+
+# Dividing logits by a smaller temperature overflows float32 or divides by a denormal; the
+# distribution is a one-hot at the argmax long before, so such requests are served greedily.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE (0 included) means greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p; 0: greedy
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 keeps all
     min_p: float = 0.0  # drop tokens whose probability is below min_p x the top token's
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or output (CTRL style)
@@ -29,9 +34,15 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
+        if not all(math.isfinite(v) for v in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be finite numbers")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.top_p <= 1, "top_p must be in [0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (or -1 to disable)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
@@ -46,7 +57,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1 or self.top_p == 0
 
     @property
     def needs_penalties(self) -> bool:

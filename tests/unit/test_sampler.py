@@ -175,3 +175,22 @@ def test_logprobs_are_pre_temperature_log_softmax_and_sorted_top_k():
 def test_out_of_range_logit_bias_is_rejected_before_the_device(bad):
     with pytest.raises(ValueError):
         batch_of([SamplingParams(logit_bias={bad: 1.0})])
+
+
+@pytest.mark.parametrize("greedy", [dict(temperature=1e-7), dict(temperature=0.5, top_p=0), dict(top_k=1)])
+def test_tiny_temperature_and_zero_top_p_are_greedy_beside_sampled_rows(greedy):
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 10
+    params = [SamplingParams(**greedy), SamplingParams(temperature=1.5, top_p=0.9)] * 32
+    out = sample(params, logits)
+    assert SamplingParams(**greedy).greedy
+    assert torch.equal(out.token_ids[0::2], logits[0::2].argmax(-1))
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_sampling_numbers_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: value})

@@ -9,7 +9,7 @@ Order of operations per row (a stage runs only if some row of the step uses it):
      -> logprobs are the log-softmax of these logits, before temperature and filtering, as vLLM
         and the OpenAI API report them: they describe the model's (penalized) distribution,
         not the truncated one the token was drawn from.
-  4. greedy rows (temperature 0 or top_k 1): argmax
+  4. greedy rows (temperature below 1e-5, top_k 1 or top_p 0): argmax
   5. other rows: divide by temperature; top-k, top-p (one shared sort); softmax; min-p
   6. draw with the exponential race, argmax(probs / q) with q ~ Exp(1): the same distribution
      as a multinomial draw, with no host sync. Seeded rows draw q from their own
@@ -94,11 +94,11 @@ class SamplingBatch:
         return cls(
             all_greedy=all_greedy,
             greedy_mask=torch.tensor(greedy, device=device) if any_greedy and not all_greedy else None,
-            temperature=column([p.temperature or 1.0 for p in params])
+            temperature=column([1.0 if p.greedy else p.temperature for p in params])
             if any(p.temperature != 1 for p in sampled) else None,
             top_k=column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
             if any(p.top_k for p in sampled) else None,
-            top_p=column([p.top_p if p.top_p < 1 else float("inf") for p in params])
+            top_p=column([p.top_p if p.top_p < 1 and not p.greedy else float("inf") for p in params])
             if any(p.top_p < 1 for p in sampled) else None,
             min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in sampled) else None,
             bias=bias,
