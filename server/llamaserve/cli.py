@@ -46,6 +46,15 @@ def add_serve_parser(subcommands) -> None:
                    help="rendezvous address of rank 0 (default: $MASTER_ADDR, else 127.0.0.1)")
     p.add_argument("--master-port", type=int, default=os.environ.get("MASTER_PORT"),
                    help="rendezvous port (default: $MASTER_PORT, else a free port)")
+    p.add_argument("--distributed-timeout", type=float,
+                   help="seconds a tensor-parallel collective may wait before the engine gives up on a rank (default 600)")
+    p.add_argument("--request-timeout", type=float,
+                   help="seconds a chat or completions request may take, queueing included, before it is stopped "
+                   "with a 408 (default: no limit; a client may set a shorter one with the x-request-timeout header)")
+    p.add_argument("--engine-stall-timeout", type=float,
+                   help="seconds the engine may hold work without finishing a step before /health says 503 and its "
+                   "requests fail (default 120)")
+    p.add_argument("--inject-fault", help=argparse.SUPPRESS)  # tests only: see llamaserve.config.FaultConfig
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--log-format", choices=["text", "json"],
                    help="server log lines as text, or one JSON object per line (default text)")

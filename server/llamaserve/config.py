@@ -66,12 +66,42 @@ class ParallelConfig:
     tensor_parallel_size: int = 1  # ranks every layer is split across, one process (and device) each
     master_addr: str = "127.0.0.1"  # rendezvous address of rank 0 (the standard MASTER_ADDR)
     master_port: int | None = None  # rendezvous port (MASTER_PORT); None: a free port on this host
+    # A collective that waits longer than this fails, and the engine with it (a wedged or vanished rank).
+    distributed_timeout: float = 600.0
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        if not 0 < self.distributed_timeout < float("inf"):
+            raise ValueError("distributed_timeout must be a positive number of seconds")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError("master_port must be in 1..65535")
+
+
+FAULT_KINDS = ("request", "step", "hang")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Faults on demand, for tests of fault isolation (a hidden flag; off, it costs one check per step)."""
+
+    # "KIND:TOKEN_ID": a request whose prompt holds TOKEN_ID makes the engine fail it alone (request),
+    # fail the whole step it is in as an out-of-memory would (step), or hang in that step (hang).
+    inject_fault: str | None = None
+
+    def __post_init__(self):
+        if self.inject_fault is not None:
+            kind, _, token = self.inject_fault.partition(":")
+            if kind not in FAULT_KINDS or not token.isdigit():
+                raise ValueError(f"inject_fault must be KIND:TOKEN_ID with KIND one of {', '.join(FAULT_KINDS)}")
+
+    @property
+    def kind(self) -> str | None:
+        return self.inject_fault.partition(":")[0] if self.inject_fault else None
+
+    @property
+    def marker(self) -> int | None:
+        return int(self.inject_fault.partition(":")[2]) if self.inject_fault else None
 
 
 @dataclass(frozen=True)
@@ -84,6 +114,10 @@ class ServerConfig:
     log_format: str = "text"  # text | json (one JSON object per log line)
     log_requests: bool = False  # request log lines carry the prompt and the output text
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP URL spans are sent to (.../v1/traces); None: no tracing
+    request_timeout: float | None = None  # seconds a generation may take, queueing included; None: no limit
+    # Seconds the engine may hold work without finishing a step before /health turns 503 and its
+    # requests fail: a wedged engine, not a slow one.
+    engine_stall_timeout: float = 120.0
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -94,6 +128,10 @@ class ServerConfig:
             raise ValueError("max_concurrent_requests must be >= 1")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.request_timeout is not None and not 0 < self.request_timeout < float("inf"):
+            raise ValueError("request_timeout must be a positive number of seconds")
+        if not 0 < self.engine_stall_timeout < float("inf"):
+            raise ValueError("engine_stall_timeout must be a positive number of seconds")
         if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"otlp_traces_endpoint must be an http:// or https:// URL, not {self.otlp_traces_endpoint!r}")
 
@@ -104,11 +142,13 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":
         """Flat keyword options (as `LLM(...)` and the CLI take them) sorted into their sections."""
-        sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+        sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig,
+                    "faults": FaultConfig}
         fields = {name: {} for name in sections}
         for key, value in options.items():
             owner = next((name for name, kind in sections.items() if key in kind.__dataclass_fields__), None)

@@ -334,3 +334,32 @@ def test_add_request_rejects_requests_that_can_never_fit():
     assert_exact(scheduler, [fits])
     with pytest.raises(ValueError):
         make_scheduler(max_num_seqs=8, max_num_batched_tokens=4)
+
+
+def test_failed_requests_free_their_blocks_and_the_rest_run_on():
+    scheduler = make_scheduler()
+    model = FakeModel(4)
+    requests = [make_request(name, list(range(1, 9))) for name in ("a", "b", "c")]
+    for request in requests:
+        scheduler.add_request(request)
+    output = scheduler.schedule()
+    sampled = model.execute(output)
+    [failed] = scheduler.fail_requests({"b": "a fault", "unknown": "ignored"})
+    assert failed is requests[1] and failed.status.finish_reason == "error" and failed.error == "a fault"
+    assert [r.request_id for r in scheduler.update(output, sampled)] == ["a", "c"]
+    scheduler.block_manager.check_integrity()
+    run(scheduler, model)
+    assert_exact(scheduler, [requests[0], requests[2]])
+
+
+def test_fail_all_leaves_an_empty_consistent_scheduler():
+    scheduler = make_scheduler(num_blocks=8)
+    for i in range(6):
+        scheduler.add_request(make_request(str(i), list(range(1, 10))))
+    step(scheduler, FakeModel(4))
+    scheduler.abort_requests(["0"])
+    failed = scheduler.fail_all("the scheduler broke")
+    assert sorted(r.request_id for r in failed) == [str(i) for i in range(6)]
+    assert {r.status.finish_reason for r in failed if r.request_id != "0"} == {"error"}
+    assert not scheduler.has_unfinished_requests() and scheduler.block_manager.usage == 0
+    scheduler.block_manager.check_integrity()

@@ -1,14 +1,19 @@
 """The engine loop: schedule -> execute -> update."""
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.block_manager import BlockManager
+from llamaserve.engine.faults import describe, is_fatal
 from llamaserve.engine.messages import ITERATION_TOKENS_BUCKETS, AddRequest, EngineStats, RequestOutput
 from llamaserve.engine.model_runner import ModelRunner, RunnerOutput
 from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig, on_worker_death: Callable[[str], None] | None = None):
@@ -24,16 +29,21 @@ class EngineCore:
 
     def add_request(self, add: AddRequest) -> RequestOutput | None:
         """Queues the request; returns an error output instead when it can never run."""
-        request = Request(add.request_id, add.prompt_token_ids, add.sampling_params, add.priority, add.arrival_time)
         vocab = self.runner.arch.vocab_size
         try:
+            request = Request(add.request_id, add.prompt_token_ids, add.sampling_params, add.priority,
+                              add.arrival_time)
             if any(not 0 <= t < vocab for t in add.prompt_token_ids):
                 raise ValueError(f"prompt token ids must be in [0, {vocab})")
             if any(not 0 <= t < vocab for t in add.sampling_params.logit_bias):
                 raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
             self.scheduler.add_request(request)
         except ValueError as e:
-            return RequestOutput(add.request_id, [], finish_reason="error", error=str(e))
+            return RequestOutput(add.request_id, [], finish_reason="error", error=str(e), error_type="invalid_request")
+        except Exception as e:  # whatever else a malformed request trips over: it alone is refused
+            log.exception("refused request %s", add.request_id)
+            return RequestOutput(add.request_id, [], finish_reason="error", error=describe(e),
+                                 error_type="invalid_request")
         return None
 
     def abort(self, request_ids: list[str]) -> None:
@@ -47,18 +57,49 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        step = self.scheduler.schedule()
-        result = self.runner.execute(step) if step.scheduled else RunnerOutput({}, {})
-        updated = self.scheduler.update(step, result.token_ids)
+        """One engine step. Faults end only the requests they concern (see llamaserve.engine.faults)."""
+        try:
+            step = self.scheduler.schedule()
+            result = self._execute(step)
+            failed = self.scheduler.fail_requests(result.errors)
+            updated = self.scheduler.update(step, result.token_ids)
+        except Exception as e:  # the scheduler's own state: start again from an empty batch
+            if is_fatal(e):
+                raise
+            return self._reset(e)
         self._count(step, result)
         outputs = [self._output(r, result) for r in updated]
-        outputs += [self._output(r, None) for r in step.finished]
-        for r in updated + step.finished:
+        outputs += [self._output(r, None) for r in step.finished + failed]
+        self._release([*updated, *step.finished, *failed])
+        return outputs
+
+    def _execute(self, step) -> RunnerOutput:
+        """The runner's step; a fault in it that is not fatal fails every request of the step."""
+        if not step.scheduled:
+            return RunnerOutput({}, {})
+        try:
+            return self.runner.execute(step)
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            log.exception("an engine step of %d requests failed; they fail, the engine serves on", len(step.scheduled))
+            self.runner.recover()
+            error = f"the engine step running this request failed: {describe(e)}"
+            return RunnerOutput({}, {}, {item.request.request_id: error for item in step.scheduled})
+
+    def _reset(self, error: Exception) -> list[RequestOutput]:
+        log.exception("the scheduler failed; every request fails and the engine serves on", exc_info=error)
+        failed = self.scheduler.fail_all(f"the engine's scheduler failed: {describe(error)}")
+        self.block_manager.check_integrity()  # every block is free again, or nothing can be trusted: fatal
+        self._release(failed)
+        return [self._output(r, None) for r in failed]
+
+    def _release(self, requests: list[Request]) -> None:
+        for r in requests:
             if r.status.finished:
                 self.runner.release(r.request_id)
         if not self.has_work():
             self.block_manager.check_integrity()  # cheap when idle; a leak shows up at once
-        return outputs
 
     def _count(self, step, result: RunnerOutput) -> None:
         s = self.stats
@@ -85,6 +126,8 @@ class EngineCore:
             request_id=request.request_id,
             new_token_ids=[request.output_token_ids[-1]] if sampled else [],
             finish_reason=request.status.finish_reason,
+            error=request.error,
+            error_type="engine_error" if request.error is not None else None,
             logprobs=[logprobs] if logprobs is not None else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_prompt_tokens,

@@ -48,7 +48,9 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked for
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    error: str | None = None  # why the engine refused the request (finish_reason "error")
+    error: str | None = None  # why the request failed (finish_reason "error")
+    # "invalid_request": the engine refused it; "engine_error": a fault while it ran
+    error_type: str | None = None
     # time.monotonic() stamps (the same clock in every process of a host), for latency metrics.
     arrival_time: float | None = None
     first_scheduled_time: float | None = None

@@ -8,14 +8,15 @@ engine core) builds each step's inputs, broadcasts them, runs its shard and samp
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.messages import TokenLogprobs
-from llamaserve.engine.scheduler import SchedulerOutput
+from llamaserve.engine.faults import FatalEngineError, FaultInjector, describe
+from llamaserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from llamaserve.engine.workers import WorkerGroup, init_process_group
 from llamaserve.model.architecture import ModelArchitecture
 from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 class RunnerOutput:
     token_ids: dict[str, int]  # request id -> sampled token, for every request that sampled
     logprobs: dict[str, TokenLogprobs]  # only for requests that asked
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed this step
 
 
 @dataclass
@@ -44,9 +46,9 @@ class StepInputs:
     sample: list[bool]  # whether each request samples a token after this step
 
     @classmethod
-    def from_step(cls, step: SchedulerOutput) -> "StepInputs":
+    def from_step(cls, scheduled: list[ScheduledRequest]) -> "StepInputs":
         inputs = cls([], [], [], [], [], [])
-        for item in step.scheduled:
+        for item in scheduled:
             end = item.start + item.num_new_tokens
             inputs.token_ids.extend(item.request.all_token_ids[item.start : end])
             inputs.positions.extend(range(item.start, end))
@@ -90,6 +92,7 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
+        self.faults = FaultInjector(config.faults) if config.faults.inject_fault else None
 
     def _join_group(self, config: EngineConfig, on_worker_death: Callable[[str], None] | None) -> EngineConfig:
         """Rank 0 starts the workers (fixing the rendezvous port); every rank then joins the group.
@@ -170,7 +173,8 @@ class ModelRunner:
     def follow(self) -> None:
         """Ranks other than 0: run every step rank 0 broadcasts, until it says stop."""
         while (inputs := self._broadcast(None)) is not None:
-            self._forward(inputs, self.kv_caches)
+            if inputs.token_ids:  # empty: rank 0's keepalive
+                self._forward(inputs, self.kv_caches)
         dist.destroy_process_group()
 
     def shutdown(self) -> None:
@@ -190,15 +194,54 @@ class ModelRunner:
 
     def run_model(self, inputs: StepInputs) -> torch.Tensor:
         """Rank 0: one step on every rank; the logits of the sampling requests, [num_sampling, vocab]."""
-        if self.tp.size > 1:
-            if self.worker_failure is not None:
-                raise RuntimeError(self.worker_failure)
-            self._broadcast(inputs)
-        return self._forward(inputs, self.kv_caches)
+        if self.tp.size == 1:
+            return self._forward(inputs, self.kv_caches)
+        if self.worker_failure is not None:
+            raise FatalEngineError(self.worker_failure)
+        self._broadcast(inputs)
+        try:
+            return self._forward(inputs, self.kv_caches)
+        except Exception as e:  # the other ranks may wait in a collective this rank never reaches
+            raise FatalEngineError(f"the forward pass failed on rank 0 of {self.tp.size}: {describe(e)}") from e
+
+    def keepalive(self) -> None:
+        """Rank 0, while idle: an empty step, so that the workers' wait for the next one never times out."""
+        if self.tp.size > 1 and self.worker_failure is None:
+            self._broadcast(StepInputs([], [], [], [], [], []))
+
+    def recover(self) -> None:
+        """After a failed step: give back the memory its activations held."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
-        logits = self.run_model(StepInputs.from_step(step))
-        requests = [item.request for item in step.scheduled if item.sample]
+        """One step. A request whose preparation fails is left out of it and reported in `errors`; a
+        fault in the forward pass or in sampling raises (the caller fails the whole step)."""
+        errors = {}
+        for item in step.scheduled:
+            try:
+                self._prepare(item)
+            except Exception as e:
+                errors[item.request.request_id] = describe(e)
+        scheduled = [item for item in step.scheduled if item.request.request_id not in errors]
+        if not scheduled:
+            return RunnerOutput({}, {}, errors)
+        if self.faults is not None:
+            self.faults.before_forward([item.request.prompt_token_ids for item in scheduled])
+        logits = self.run_model(StepInputs.from_step(scheduled))
+        result = self._sample(logits, [item.request for item in scheduled if item.sample])
+        result.errors = errors
+        return result
+
+    def _prepare(self, item: ScheduledRequest) -> None:
+        """What one request needs of its own before the step runs (its random generator)."""
+        request = item.request
+        if self.faults is not None:
+            self.faults.before_request(request.request_id, request.prompt_token_ids)
+        if item.sample:
+            self._generator(request)
+
+    def _sample(self, logits: torch.Tensor, requests: list) -> RunnerOutput:
         if not requests:
             return RunnerOutput({}, {})
         batch = SamplingBatch.build(

@@ -12,7 +12,8 @@ class RequestStatus(enum.Enum):
     RUNNING = enum.auto()  # holds KV blocks and is scheduled every step the budget allows
     FINISHED_STOPPED = enum.auto()  # sampled a stop token or EOS
     FINISHED_LENGTH = enum.auto()  # reached max_tokens or max_model_len
-    FINISHED_ABORTED = enum.auto()  # the client went away or the engine gave up on it
+    FINISHED_ABORTED = enum.auto()  # the client went away
+    FINISHED_ERROR = enum.auto()  # a fault while running it: the engine failed it and serves on
 
     @property
     def finished(self) -> bool:
@@ -20,7 +21,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        """The OpenAI finish_reason ("stop", "length" or "abort"); None while unfinished."""
+        """"stop", "length", "abort" or "error"; None while unfinished."""
         return _FINISH_REASONS.get(self)
 
 
@@ -28,6 +29,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -54,6 +56,7 @@ class Request:
     first_scheduled_time: float | None = field(default=None, init=False)
     token_times: list[float] = field(default_factory=list, init=False)  # one per output token
     finished_time: float | None = field(default=None, init=False)
+    error: str | None = field(default=None, init=False)  # why it failed (FINISHED_ERROR)
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -8,7 +8,7 @@ cache hit simply moves num_computed_tokens forward before the first count is cho
 import heapq
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from llamaserve.config import SchedulerConfig
@@ -122,6 +122,24 @@ class Scheduler:
             if request is not None:
                 self._finish(request, RequestStatus.FINISHED_ABORTED)
                 self._unreported.append(request)
+
+    def fail_requests(self, errors: Mapping[str, str]) -> list[Request]:
+        """Finishes the named requests with an error (request id -> why) and frees their blocks now;
+        returns them for the caller to report. Unknown or finished ids are ignored."""
+        failed = []
+        for request_id, error in errors.items():
+            request = self._requests.get(request_id)
+            if request is not None:
+                request.error = error
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                failed.append(request)
+        return failed
+
+    def fail_all(self, error: str) -> list[Request]:
+        """After a fault in the scheduler's own bookkeeping: every unfinished request fails (aborted ones
+        still to report come along), leaving nothing that the fault may have left half-done."""
+        finished, self._unreported = self._unreported, []
+        return finished + self.fail_requests(dict.fromkeys(self._requests, error))
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens

@@ -25,10 +25,6 @@ from llamaserve.logs import configure_process, process_format
 
 log = logging.getLogger(__name__)
 
-# Workers block in a broadcast while the engine is idle, for as long as it stays idle: a collective
-# must not time out for that. A dead peer is seen through its closed connection or process, not here.
-COLLECTIVE_TIMEOUT = timedelta(days=365)
-
 
 def free_port(host: str) -> int:
     with socket.socket() as s:
@@ -40,16 +36,18 @@ def init_process_group(config: EngineConfig, rank: int, device: torch.device) ->
     """Join the tensor-parallel group; returns the gloo group that step metadata travels on (on CPU
     the group itself; on GPUs a second, CPU-side group beside the NCCL one)."""
     parallel = config.parallel
+    # Workers wait in a broadcast while the engine is idle: rank 0 sends keepalives well within this.
+    timeout = timedelta(seconds=parallel.distributed_timeout)
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://{parallel.master_addr}:{parallel.master_port}",
         rank=rank,
         world_size=parallel.tensor_parallel_size,
-        timeout=COLLECTIVE_TIMEOUT,
+        timeout=timeout,
         **({"device_id": device} if device.type == "cuda" else {}),
     )
     if device.type == "cuda":
-        return dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        return dist.new_group(backend="gloo", timeout=timeout)
     return dist.group.WORLD
 
 
