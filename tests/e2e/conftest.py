@@ -1,5 +1,6 @@
 """A real server process on 127.0.0.1 with the default model, shared by the whole e2e session."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from tests.conftest import make_tiny_checkpoint
 
 STARTUP_TIMEOUT = 180  # seconds; the machine may be busy
 
@@ -84,3 +87,14 @@ def http(server) -> httpx.Client:
 @pytest.fixture(scope="session")
 def model(client) -> str:
     return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, default_checkpoint) -> Path:
+    """A tiny random Llama with the default model's tokenizer: a real server whose steps cost almost
+    nothing, for tests that need many long prompts."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"), vocab_size=49152, max_position_embeddings=8192)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (default_checkpoint / name).exists():
+            shutil.copy(default_checkpoint / name, path / name)
+    return path

@@ -20,7 +20,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from opentelemetry.trace import TracerProvider
 
-from llamaserve.api.errors import APIError, engine_dead, install_error_handlers
+from llamaserve.api.errors import APIError, engine_dead, engine_stalled, install_error_handlers
 from llamaserve.api.metrics import CONTENT_TYPE, Metrics, rejection_reason
 from llamaserve.api.protocol import (
     ChatCompletion,
@@ -51,7 +51,8 @@ STREAM_RESPONSE = {"description": "a JSON object, or with `stream: true` server-
 router = APIRouter()
 
 
-def get_serving(raw: Request) -> OpenAIServing:
+async def get_serving(raw: Request) -> OpenAIServing:
+    # async: FastAPI would run a plain function on its thread pool, a thread hop per request
     return raw.app.state.serving
 
 
@@ -78,7 +79,7 @@ async def models(serving: OpenAIServing = Depends(get_serving)) -> ModelList:
 
 @router.post("/tokenize", responses=ERROR_RESPONSES)
 async def tokenize(request: TokenizeRequest, serving: OpenAIServing = Depends(get_serving)) -> TokenizeResponse:
-    return serving.tokenize(request)
+    return await serving.tokenize(request)
 
 
 @router.post("/detokenize", responses=ERROR_RESPONSES)
@@ -88,9 +89,11 @@ async def detokenize(request: DetokenizeRequest, serving: OpenAIServing = Depend
 
 @router.get("/health", responses={503: {"model": ErrorResponse}})
 async def health(serving: OpenAIServing = Depends(get_serving)) -> Health:
-    """Liveness: the server and its engine process are alive; with the engine's load."""
+    """Liveness: the server and its engine process are alive and the engine makes progress; with its load."""
     if not serving.client.is_alive:
         raise engine_dead()
+    if serving.client.is_stalled:
+        raise engine_stalled()
     stats = serving.client.stats
     return Health(num_running=stats.num_running, num_waiting=stats.num_waiting, kv_cache_usage=stats.kv_cache_usage)
 
@@ -123,7 +126,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = await AsyncEngineClient.start(engine_config, server_config.log_format)
+        client = await AsyncEngineClient.start(engine_config, server_config.log_format,
+                                               server_config.engine_stall_timeout)
         loop = asyncio.get_running_loop()
         provider, owns_provider = tracer_provider, False
         if provider is None and server_config.otlp_traces_endpoint is not None:
@@ -135,7 +139,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                                             RequestTracer(provider) if provider is not None else None,
                                             server_config.log_requests)
             app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry,
-                                              server_config.max_concurrent_requests)
+                                              server_config.max_concurrent_requests, server_config.request_timeout)
             # The process sentinel becomes readable when the engine process ends, for whatever reason.
             loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
             if on_ready is not None:

@@ -1,7 +1,7 @@
 """Every error leaves the server in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 Bad input is a 400 that names the parameter (FastAPI's 422 is overridden), an unknown model a 404,
-a dead engine a 503; anything unexpected is logged here and answered with a bare 500, never a trace.
+a request past its deadline a 408, a dead or stalled engine a 503; anything unexpected is logged here and answered with a bare 500, never a trace.
 """
 
 import logging
@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from llamaserve.api.protocol import ErrorInfo, ErrorResponse
-from llamaserve.engine.client import EngineDeadError
+from llamaserve.engine.client import EngineDeadError, EngineStalledError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,22 @@ def engine_dead() -> APIError:
     return APIError(503, "the inference engine is not running", code="engine_dead")
 
 
+def engine_stalled() -> APIError:
+    return APIError(503, "the inference engine has stopped making progress", code="engine_stalled")
+
+
+def request_timeout() -> APIError:
+    return APIError(408, "the request did not complete within its time limit (--request-timeout or the "
+                    "x-request-timeout header); it was stopped", code="request_timeout")
+
+
+def engine_request_error(message: str | None, error_type: str | None) -> APIError:
+    """A request the engine failed: refused as invalid (400), or hit by a fault while it ran (500)."""
+    if error_type == "engine_error":
+        return APIError(500, message or "the engine failed while running the request", code="engine_error")
+    return bad_request(message or "the engine refused the request")
+
+
 def internal_error() -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
@@ -59,8 +75,12 @@ def as_api_error(error: Exception) -> APIError:
     """The APIError a failure maps to; unexpected ones are logged with their traceback here."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, EngineStalledError):
+        return engine_stalled()
     if isinstance(error, EngineDeadError):
         return engine_dead()
+    if isinstance(error, RequestTimeoutError):
+        return request_timeout()
     log.error("unexpected error while serving a request", exc_info=error)
     return internal_error()
 
@@ -108,14 +128,15 @@ def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, APIErro
         code = "not_found" if exc.status_code == 404 else None
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
-    async def on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return refuse(request, engine_dead())
+    async def on_engine_failure(request: Request, exc: EngineDeadError | RequestTimeoutError) -> JSONResponse:
+        return refuse(request, as_api_error(exc))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         return internal_error().response()  # Starlette re-raises it after this, so uvicorn logs the trace
 
     app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(EngineDeadError, on_engine_dead)
+    app.add_exception_handler(EngineDeadError, on_engine_failure)
+    app.add_exception_handler(RequestTimeoutError, on_engine_failure)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

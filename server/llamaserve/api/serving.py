@@ -9,7 +9,8 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -18,7 +19,14 @@ from typing import TypeVar
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from llamaserve.api.errors import APIError, bad_request, engine_dead, overloaded
+from llamaserve.api.errors import (
+    APIError,
+    bad_request,
+    engine_dead,
+    engine_request_error,
+    engine_stalled,
+    overloaded,
+)
 from llamaserve.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -54,6 +62,7 @@ from llamaserve.tokenizer import IncrementalDetokenizer, StopStringMatcher, Toke
 # Stable for one build of the server: clients may compare it to notice a server change.
 SYSTEM_FINGERPRINT = "fp_" + hashlib.sha256(f"llamaserve {version('llamaserve')}".encode()).hexdigest()[:10]
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+TIMEOUT_HEADER = "x-request-timeout"  # seconds: a client's own deadline, at most the server's
 
 T = TypeVar("T")
 
@@ -104,11 +113,39 @@ class UsageCounter:
         )
 
 
+class Slots:
+    """Admission: generations admitted and not yet finished, at most `limit`. A request reserves its
+    choices' slots when it is admitted, before any of them starts, so a burst cannot overshoot."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+
+    def reserve(self, n: int) -> Callable[[], None]:
+        """Takes n slots, or refuses with 429 and Retry-After; returns the (idempotent) release."""
+        if n > self.limit:  # could never run: retrying would not help
+            raise bad_request(f"{n} choices exceed the server's limit of {self.limit} concurrent generations", "n")
+        if self.in_use + n > self.limit:
+            raise overloaded(self.limit)
+        self.in_use += n
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_use -= n
+
+        return release
+
+
 class OpenAIServing:
     def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str, telemetry: Telemetry,
-                 max_concurrent_requests: int):
+                 max_concurrent_requests: int, request_timeout: float | None = None):
         self.client = client
-        self.max_concurrent_requests = max_concurrent_requests
+        self.slots = Slots(max_concurrent_requests)
+        self.request_timeout = request_timeout  # seconds; None: only the client's header sets a deadline
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="llamaserve-tokenizer")
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.telemetry = telemetry
@@ -123,10 +160,11 @@ class OpenAIServing:
         self._check_serving(request.model)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        prompt_ids = self._chat_prompt(request.messages)
+        prompt_ids = await self._off_loop(self._chat_prompt, request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         choices = self._choices(request, [prompt_ids], logprobs, prompt_param="messages")
-        self._admit(len(choices))
+        deadline = self._deadline(raw)
+        release = self.slots.reserve(len(choices))
         record.track([(c.prompt_index, c.prompt_ids) for c in choices])
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -137,7 +175,7 @@ class OpenAIServing:
             for c in choices:  # the role comes first, before any text
                 yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
             usage = UsageCounter(choices)
-            async for d in self._generate(response_id, choices, request.priority, record):
+            async for d in self._generate(response_id, choices, request.priority, deadline, record):
                 usage.add(d)
                 if d.text or d.logprobs or d.finish_reason:
                     lp = self._chat_logprobs([d]) if logprobs is not None else None
@@ -148,8 +186,12 @@ class OpenAIServing:
                 yield chunk([], usage.usage())
 
         if request.stream:
-            return event_stream(events())
-        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority, record))
+            return event_stream(events(), on_close=release)
+        try:
+            deltas, usage = await cancel_on_disconnect(
+                raw, self._collect(response_id, choices, request.priority, deadline, record))
+        finally:
+            release()  # the slots are given back however the request ends
         return json_response(ChatCompletion(
             id=response_id, created=created, model=self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
             choices=[
@@ -165,8 +207,10 @@ class OpenAIServing:
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         record = self.telemetry.start(raw, "text_completion", request, response_id)
         self._check_serving(request.model)
-        choices = self._choices(request, self._completion_prompts(request.prompt), request.logprobs, "prompt")
-        self._admit(len(choices))
+        prompts = await self._off_loop(self._completion_prompts, request.prompt)
+        choices = self._choices(request, prompts, request.logprobs, "prompt")
+        deadline = self._deadline(raw)
+        release = self.slots.reserve(len(choices))
         record.track([(c.prompt_index, c.prompt_ids) for c in choices])
 
         def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
@@ -178,7 +222,7 @@ class OpenAIServing:
 
         async def events() -> AsyncIterator[str]:
             usage = UsageCounter(choices)
-            async for d in self._generate(response_id, choices, request.priority, record):
+            async for d in self._generate(response_id, choices, request.priority, deadline, record):
                 usage.add(d)
                 if d.text or d.logprobs or d.finish_reason:
                     choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs([d]),
@@ -188,8 +232,12 @@ class OpenAIServing:
                 yield sse_event(completion([], usage.usage()))
 
         if request.stream:
-            return event_stream(events())
-        deltas, usage = await cancel_on_disconnect(raw, self._collect(response_id, choices, request.priority, record))
+            return event_stream(events(), on_close=release)
+        try:
+            deltas, usage = await cancel_on_disconnect(
+                raw, self._collect(response_id, choices, request.priority, deadline, record))
+        finally:
+            release()  # the slots are given back however the request ends
         return json_response(completion(
             [CompletionChoice(index=i, text="".join(d.text for d in ds), logprobs=logprobs(ds),
                               finish_reason=ds[-1].finish_reason) for i, ds in deltas.items()],
@@ -199,14 +247,14 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)])
 
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self._check_serving(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise bad_request("give either 'prompt' or 'messages'", "prompt")
         if request.messages is not None:
-            ids = self._chat_prompt(request.messages, request.add_generation_prompt)
+            ids = await self._off_loop(self._chat_prompt, request.messages, request.add_generation_prompt)
         else:
-            ids = self.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            ids = await self._off_loop(self.tokenizer.encode, request.prompt, request.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
 
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
@@ -216,21 +264,36 @@ class OpenAIServing:
 
     # ---- requests -> engine requests --------------------------------------------------------
 
+    async def _off_loop(self, work: Callable[..., T], *args) -> T:
+        """Runs tokenizer work (templates, encoding) on the tokenizer's own thread: a burst of long prompts
+        would otherwise hold the event loop for a few milliseconds each, back to back. One thread, because
+        the tokenizer releases the GIL while it encodes and more threads would only contend for it."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work, *args)
+
     def _check_serving(self, model: str | None) -> None:
         """The engine is alive and `model` (if given) is the served one."""
         if not self.client.is_alive:  # before a stream starts, so a dead engine is a 503, not an error event
             raise engine_dead()
+        if self.client.is_stalled:
+            raise engine_stalled()
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
                            "model", "model_not_found")
 
-    def _admit(self, num_choices: int) -> None:
-        """Refuse, with 429 and Retry-After, what would take the server past its concurrency limit."""
-        if num_choices > self.max_concurrent_requests:  # could never run: retrying would not help
-            raise bad_request(f"{num_choices} choices exceed the server's limit of {self.max_concurrent_requests} "
-                              "concurrent generations", "n")
-        if self.client.num_requests + num_choices > self.max_concurrent_requests:
-            raise overloaded(self.max_concurrent_requests)
+    def _deadline(self, raw: Request) -> float | None:
+        """When this request must be done (time.monotonic()): the server's --request-timeout, or the
+        client's x-request-timeout header when that is shorter; None: no deadline."""
+        timeouts = [self.request_timeout] if self.request_timeout is not None else []
+        header = raw.headers.get(TIMEOUT_HEADER)
+        if header is not None:
+            try:
+                timeout = float(header)
+            except ValueError:
+                timeout = float("nan")
+            if not 0 < timeout < float("inf"):
+                raise bad_request(f"{TIMEOUT_HEADER} must be a positive number of seconds", TIMEOUT_HEADER)
+            timeouts.append(timeout)
+        return raw.state.start_time + min(timeouts) if timeouts else None
 
     def _chat_prompt(self, messages, add_generation_prompt: bool = True) -> list[int]:
         try:
@@ -314,11 +377,11 @@ class OpenAIServing:
 
     # ---- engine outputs -> deltas -----------------------------------------------------------
 
-    def _generate(self, response_id: str, choices: list[ChoiceRequest], priority: int,
+    def _generate(self, response_id: str, choices: list[ChoiceRequest], priority: int, deadline: float | None,
                   record: GenerationRecord) -> AsyncIterator[ChoiceDelta]:
-        return merge([self._run_choice(f"{response_id}-{c.index}", c, priority, record) for c in choices])
+        return merge([self._run_choice(f"{response_id}-{c.index}", c, priority, deadline, record) for c in choices])
 
-    async def _run_choice(self, request_id: str, choice: ChoiceRequest, priority: int,
+    async def _run_choice(self, request_id: str, choice: ChoiceRequest, priority: int, deadline: float | None,
                           record: GenerationRecord) -> AsyncIterator[ChoiceDelta]:
         params = choice.params
         detokenizer = IncrementalDetokenizer(self.tokenizer, choice.prompt_ids, params.skip_special_tokens)
@@ -327,11 +390,12 @@ class OpenAIServing:
         metrics = record.choices[choice.index]
         ended = None  # how the request ended; None when the consumer stopped early (a client gone): abort
         try:
-            async with aclosing(self.client.generate(request_id, choice.prompt_ids, params, priority)) as outputs:
+            generation = self.client.generate(request_id, choice.prompt_ids, params, priority, deadline)
+            async with aclosing(generation) as outputs:
                 async for out in outputs:  # leaving this loop early aborts the engine request
                     metrics.output(out)
-                    if out.finish_reason == "error":  # the engine refused the request
-                        raise bad_request(out.error or "the engine refused the request")
+                    if out.finish_reason == "error":
+                        raise engine_request_error(out.error, out.error_type)
                     if out.finish_reason == "abort":
                         ended = "abort"
                         raise RuntimeError(f"the engine aborted request {request_id}")
@@ -357,11 +421,11 @@ class OpenAIServing:
         finally:
             metrics.finish(ended or "abort")
 
-    async def _collect(self, response_id: str, choices: list[ChoiceRequest], priority: int,
+    async def _collect(self, response_id: str, choices: list[ChoiceRequest], priority: int, deadline: float | None,
                        record: GenerationRecord) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
         deltas: dict[int, list[ChoiceDelta]] = {c.index: [] for c in choices}
         usage = UsageCounter(choices)
-        async with aclosing(self._generate(response_id, choices, priority, record)) as stream:
+        async with aclosing(self._generate(response_id, choices, priority, deadline, record)) as stream:
             async for d in stream:
                 deltas[d.index].append(d)
                 usage.add(d)

@@ -1,7 +1,7 @@
 """Stream plumbing: SSE framing, errors inside a started stream, interleaving several streams."""
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 from pydantic import BaseModel
@@ -33,6 +33,18 @@ async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
 class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
+    def __init__(self, content: AsyncIterator[str], headers: dict[str, str],
+                 on_close: Callable[[], None] | None = None):
+        super().__init__(content, headers=headers)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # however the stream ended, even before its first event
+            if self.on_close is not None:
+                self.on_close()
+
     async def stream_response(self, send) -> None:
         try:
             await super().stream_response(send)
@@ -42,9 +54,10 @@ class EventStreamResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def event_stream(events: AsyncIterator[str]) -> EventStreamResponse:
-    """An SSE response of `events`, ended by [DONE] (after an error event if one is raised)."""
-    return EventStreamResponse(error_events(events), headers=SSE_HEADERS)
+def event_stream(events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> EventStreamResponse:
+    """An SSE response of `events`, ended by [DONE] (after an error event if one is raised); `on_close()`
+    runs once the response is over."""
+    return EventStreamResponse(error_events(events), SSE_HEADERS, on_close)
 
 
 async def merge(iterators: Sequence[AsyncIterator]) -> AsyncIterator:

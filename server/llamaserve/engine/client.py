@@ -1,8 +1,11 @@
 """The engine core in its own process, and the asyncio client the API process talks to it through.
 
-IPC is a multiprocessing pipe: request adds and aborts one way, one message per engine step (every
-request's new tokens) the other. The client watches the pipe from the event loop; when the engine
-process dies the pipe closes, and every waiting stream raises EngineDeadError at once.
+IPC is a multiprocessing pipe with a reader and a writer thread at each end (llamaserve.engine.channel):
+request adds and aborts one way, one message per engine step (every request's news and the engine's
+stats) the other. When the engine process dies the pipe closes, and every waiting stream raises
+EngineDeadError at once. The client also enforces deadlines, and watches the engine's progress: an
+engine that holds work but finishes no step for `stall_timeout` seconds is reported stalled, and its
+requests fail instead of waiting forever.
 """
 
 import asyncio
@@ -11,19 +14,32 @@ import copy
 import logging
 import multiprocessing as mp
 import os
+import queue
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llamaserve.config import EngineConfig
+from llamaserve.engine.channel import Channel
 from llamaserve.engine.messages import AbortRequests, AddRequest, EngineStats, RequestOutput, StepOutputs
 from llamaserve.logs import configure_process
 from llamaserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+WATCH_INTERVAL = 1.0  # seconds between the stall watchdog's looks (at most: a fraction of the timeout)
+
 
 class EngineDeadError(RuntimeError):
     """The engine process is gone; no request can complete."""
+
+
+class EngineStalledError(EngineDeadError):
+    """The engine holds work but has finished no step for longer than the stall timeout."""
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request passed its deadline; it was aborted in the engine."""
 
 
 @dataclass
@@ -53,8 +69,19 @@ def _exit_engine(reason: str) -> None:
     os._exit(1)
 
 
+def _next_messages(inbox: queue.SimpleQueue, wait: float | None) -> list:
+    """Whatever has arrived, after waiting up to `wait` seconds for the first message (0: don't wait)."""
+    messages = []
+    try:
+        messages.append(inbox.get(timeout=wait) if wait else inbox.get_nowait())
+        while True:
+            messages.append(inbox.get_nowait())
+    except queue.Empty:
+        return messages
+
+
 def run_engine_core(config: EngineConfig, conn, log_format: str = "text") -> None:
-    """Entry point of the engine process: step while there is work, block on the pipe when idle."""
+    """Entry point of the engine process: step while there is work, wait for messages when idle."""
     from llamaserve.engine.core import EngineCore  # torch is imported in this process only
 
     configure_process("engine", log_format)
@@ -66,43 +93,57 @@ def run_engine_core(config: EngineConfig, conn, log_format: str = "text") -> Non
     conn.send(EngineReady(core.runner.num_blocks, config.cache.block_size, config.scheduler.max_model_len,
                           core.runner.arch.vocab_size, str(core.runner.checkpoint), config.model.dtype,
                           config.parallel.tensor_parallel_size))
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    channel = Channel(conn, inbox.put, "engine")
+    idle_wait = config.parallel.distributed_timeout / 4  # tensor-parallel workers hear from rank 0 this often
     try:
         while True:
             refused = []  # outputs for requests the engine cannot run
-            # Block while there is nothing to do; otherwise take whatever arrived and step at once.
-            while conn.poll(0 if core.has_work() or refused else None):
-                message = conn.recv()
+            messages = _next_messages(inbox, 0 if core.has_work() else idle_wait)
+            for message in messages:
+                if message is None or isinstance(message, Shutdown):  # None: the API process has gone
+                    return
                 if isinstance(message, AddRequest):
                     error = core.add_request(message)
                     if error is not None:
                         refused.append(error)
                 elif isinstance(message, AbortRequests):
                     core.abort(message.request_ids)
-                elif isinstance(message, Shutdown):
-                    return
-            outputs = refused + (core.step() if core.has_work() else [])
-            if outputs:
-                conn.send(StepOutputs(outputs, copy.copy(core.stats)))
-    except (EOFError, BrokenPipeError):
-        pass  # the client went away: nothing left to serve
+            if core.has_work() or refused:
+                # Every step sends a message, outputs or not: the API's stall watchdog counts on it.
+                outputs = refused + (core.step() if core.has_work() else [])
+                channel.send(StepOutputs(outputs, copy.copy(core.stats)))
+            elif not messages:
+                core.runner.keepalive()
+    except Exception:  # a fault no request owns (see llamaserve.engine.faults): the server must restart
+        log.exception("the engine cannot go on")
+        os._exit(1)
     finally:
+        channel.close()
         core.shutdown()
 
 
 class AsyncEngineClient:
     """Owned by the API process. `generate` yields a request's outputs as its engine steps finish."""
 
-    def __init__(self, process, conn, ready: EngineReady):
+    def __init__(self, process, conn, ready: EngineReady, stall_timeout: float | None = None):
         self.process = process
         self.ready = ready
+        self.stall_timeout = stall_timeout  # None: no watchdog
         self._conn = conn
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # outputs, or an exception to raise, per request
+        self._unfinished: set[str] = set()  # sent to the engine, its end not heard of yet
+        self._progress_time = time.monotonic()  # of the engine's latest step, or since it had work
         self._dead: EngineDeadError | None = None
+        self._stalled = False
+        self._closed = False
         self.stats = EngineStats()  # as of the latest step
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._channel: Channel | None = None
 
     @classmethod
-    async def start(cls, config: EngineConfig, log_format: str = "text") -> "AsyncEngineClient":
+    async def start(cls, config: EngineConfig, log_format: str = "text",
+                    stall_timeout: float | None = None) -> "AsyncEngineClient":
         """Start the engine process (it logs in `log_format`, text or json) and wait until it is ready."""
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited event loop or threads
         conn, child_conn = ctx.Pipe()
@@ -110,9 +151,6 @@ class AsyncEngineClient:
         process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_format), name="llamaserve-engine")
         process.start()
         child_conn.close()  # so the pipe reports EOF when the engine process dies
-        # At interpreter exit multiprocessing joins the (non-daemon) engine, which exits on EOF: close
-        # our end first (atexit runs this before multiprocessing's own hook, registered earlier).
-        atexit.register(conn.close)
         try:
             ready = await asyncio.to_thread(conn.recv)
         except EOFError:
@@ -120,13 +158,18 @@ class AsyncEngineClient:
         if isinstance(ready, EngineFailed):
             process.join(timeout=5)
             raise EngineDeadError(f"engine failed to start: {ready.error}")
-        client = cls(process, conn, ready)
+        client = cls(process, conn, ready, stall_timeout)
         client._attach(asyncio.get_running_loop())
+        # At interpreter exit multiprocessing joins the (non-daemon) engine: stop it first (atexit runs
+        # this before multiprocessing's own hook, registered earlier).
+        atexit.register(client.shutdown)
         return client
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._channel = Channel(self._conn, self._deliver, "engine-client")
+        if self.stall_timeout is not None:
+            loop.call_later(min(WATCH_INTERVAL, self.stall_timeout / 4), self._watch)
 
     @property
     def num_requests(self) -> int:
@@ -137,73 +180,113 @@ class AsyncEngineClient:
     def is_alive(self) -> bool:
         return self._dead is None and self.process.is_alive()
 
-    def _on_readable(self) -> None:
+    @property
+    def is_stalled(self) -> bool:
+        """The watchdog found the engine wedged; it clears when a step completes again."""
+        return self._stalled
+
+    def _deliver(self, message: StepOutputs | None) -> None:
+        """On the channel's reader thread: hand the message to the event loop."""
         try:
-            while self._conn.poll():
-                message: StepOutputs = self._conn.recv()
-                self.stats = message.stats
-                for output in message.outputs:
-                    stream = self._streams.get(output.request_id)
-                    if stream is not None:
-                        stream.put_nowait(output)
-        except (EOFError, OSError):
+            self._loop.call_soon_threadsafe(self._on_message, message)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def _on_message(self, message: StepOutputs | None) -> None:
+        if message is None:  # the pipe closed: the engine process is gone
             self._engine_died()
+            return
+        self._progress_time = time.monotonic()
+        if self._stalled:
+            log.warning("the engine completes steps again")
+            self._stalled = False
+        self.stats = message.stats
+        for output in message.outputs:
+            if output.finished:
+                self._unfinished.discard(output.request_id)
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put_nowait(output)
+
+    def _watch(self) -> None:
+        """The stall watchdog, every few seconds while the engine lives."""
+        if self._dead is not None or self._closed:
+            return
+        waited = time.monotonic() - self._progress_time
+        if self._unfinished and not self._stalled and waited > self.stall_timeout:
+            self._stalled = True
+            log.error("the engine has finished no step for %.0f s while holding %d requests; they fail",
+                      waited, len(self._unfinished))
+            error = EngineStalledError(f"the engine has made no progress for {waited:.0f} s")
+            for stream in self._streams.values():
+                stream.put_nowait(error)
+        self._loop.call_later(min(WATCH_INTERVAL, self.stall_timeout / 4), self._watch)
 
     def _engine_died(self) -> None:
-        if self._dead is not None:
+        if self._dead is not None or self._closed:  # closed: it exited because it was told to
             return
         self.process.join(timeout=1)
         self._dead = EngineDeadError(f"the engine process died (exit code {self.process.exitcode})")
         log.error("%s", self._dead)
-        self._loop.remove_reader(self._conn.fileno())
         for stream in self._streams.values():
             stream.put_nowait(self._dead)
 
     def _send(self, message) -> None:
         if self._dead is not None:
             raise self._dead
-        try:
-            self._conn.send(message)
-        except (BrokenPipeError, OSError) as e:
-            self._engine_died()
-            raise self._dead from e
+        self._channel.send(message)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams, priority: int = 0
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams, priority: int = 0,
+        deadline: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request until it finishes. Leaving the loop early (a client that went
-        away, a cancelled task) aborts the request in the engine, freeing its KV blocks."""
+        """Outputs of one request until it finishes. Leaving the loop early (a client that went away, a
+        cancelled task) aborts the request in the engine, freeing its KV blocks. Past `deadline` (a
+        time.monotonic() time) the request is aborted and RequestTimeoutError raised."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self._stalled:
+            raise EngineStalledError("the engine is stalled")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
+        timer = None
+        if deadline is not None:
+            timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), stream.put_nowait,
+                                          RequestTimeoutError(f"request {request_id} passed its deadline"))
         finished = False
         try:
             self._send(AddRequest(request_id, list(prompt_token_ids), sampling_params, priority))
+            if not self._unfinished:  # the engine had nothing to do: the watchdog counts from now
+                self._progress_time = time.monotonic()
+            self._unfinished.add(request_id)
             while not finished:
                 output = await stream.get()
-                if isinstance(output, EngineDeadError):
+                if isinstance(output, Exception):
                     raise output
                 finished = output.finished
                 yield output
         finally:
+            if timer is not None:
+                timer.cancel()
             del self._streams[request_id]
             if not finished and self._dead is None:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        self._unfinished.discard(request_id)
         try:
             self._send(AbortRequests([request_id]))
         except EngineDeadError:
             pass
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        if self._loop is not None and self._dead is None:
-            self._loop.remove_reader(self._conn.fileno())
-        try:
-            self._conn.send(Shutdown())
-        except (BrokenPipeError, OSError):
-            pass
+        """Stop the engine process: asked to, then killed after `timeout` seconds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._channel is not None:
+            self._channel.send(Shutdown())
+            self._channel.close()
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
