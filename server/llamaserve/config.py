@@ -84,6 +84,14 @@ class ServerConfig:
     log_format: str = "text"  # text | json (one JSON object per log line)
     log_requests: bool = False  # request log lines carry the prompt and the output text
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP URL spans are sent to (.../v1/traces); None: no tracing
+    # What one request may ask for: beyond these it is refused (400; 413 for the body) before any work.
+    max_request_body_bytes: int = 16 * 2**20  # request body size, counted as it arrives
+    max_prompts_per_request: int = 64  # prompts in one completions request (each is n choices)
+    max_n: int = 128  # choices per prompt
+    max_stop_strings: int = 16  # stop strings in `stop`
+    max_stop_string_length: int = 1000  # characters in each stop string
+    max_logit_bias: int = 1024  # entries in `logit_bias`
+    max_messages: int = 1024  # messages in one chat (or /tokenize) request
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -96,6 +104,10 @@ class ServerConfig:
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"otlp_traces_endpoint must be an http:// or https:// URL, not {self.otlp_traces_endpoint!r}")
+        for limit in ("max_request_body_bytes", "max_prompts_per_request", "max_n", "max_stop_strings",
+                      "max_stop_string_length", "max_logit_bias", "max_messages"):
+            if getattr(self, limit) < 1:
+                raise ValueError(f"{limit} must be >= 1")
 
 
 @dataclass(frozen=True)
