@@ -40,6 +40,14 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--max-concurrent-requests", type=int,
                    help="generations (one per choice) running or queued at once; more are refused with 429 and "
                    "Retry-After, so a load balancer can send them elsewhere (default 256)")
+    p.add_argument("--max-request-body-bytes", type=int,
+                   help="largest request body; a larger one is refused with 413 (default 16 MiB: 16777216)")
+    p.add_argument("--max-prompts-per-request", type=int, help="prompts in one completions request (default 64)")
+    p.add_argument("--max-n", type=int, help="choices (`n`) per prompt (default 128)")
+    p.add_argument("--max-stop-strings", type=int, help="stop strings in one request (default 16)")
+    p.add_argument("--max-stop-string-length", type=int, help="characters in one stop string (default 1000)")
+    p.add_argument("--max-logit-bias", type=int, help="entries in one request's logit_bias (default 1024)")
+    p.add_argument("--max-messages", type=int, help="messages in one chat request (default 1024)")
     p.add_argument("--tensor-parallel-size", "--tp", type=int,
                    help="split every layer across this many ranks, one process (and GPU) each (default 1)")
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),

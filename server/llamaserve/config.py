@@ -114,6 +114,14 @@ class ServerConfig:
     log_format: str = "text"  # text | json (one JSON object per log line)
     log_requests: bool = False  # request log lines carry the prompt and the output text
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP URL spans are sent to (.../v1/traces); None: no tracing
+    # What one request may ask for: beyond these it is refused (400; 413 for the body) before any work.
+    max_request_body_bytes: int = 16 * 2**20  # request body size, counted as it arrives
+    max_prompts_per_request: int = 64  # prompts in one completions request (each is n choices)
+    max_n: int = 128  # choices per prompt
+    max_stop_strings: int = 16  # stop strings in `stop`
+    max_stop_string_length: int = 1000  # characters in each stop string
+    max_logit_bias: int = 1024  # entries in `logit_bias`
+    max_messages: int = 1024  # messages in one chat (or /tokenize) request
     request_timeout: float | None = None  # seconds a generation may take, queueing included; None: no limit
     # Seconds the engine may hold work without finishing a step before /health turns 503 and its
     # requests fail: a wedged engine, not a slow one.
@@ -134,6 +142,10 @@ class ServerConfig:
             raise ValueError("engine_stall_timeout must be a positive number of seconds")
         if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"otlp_traces_endpoint must be an http:// or https:// URL, not {self.otlp_traces_endpoint!r}")
+        for limit in ("max_request_body_bytes", "max_prompts_per_request", "max_n", "max_stop_strings",
+                      "max_stop_string_length", "max_logit_bias", "max_messages"):
+            if getattr(self, limit) < 1:
+                raise ValueError(f"{limit} must be >= 1")
 
 
 @dataclass(frozen=True)

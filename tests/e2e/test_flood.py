@@ -99,7 +99,7 @@ def test_a_stopped_api_process_with_both_directions_full_does_not_deadlock(tmp_p
 
 def test_a_burst_never_exceeds_the_concurrency_limit_and_every_exit_frees_its_slot(tmp_path):
     server = Server(tmp_path, "--max-concurrent-requests", "4")
-    long = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300,
+    long = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 120,
             "ignore_eos": True}
     try:
         async def burst(stream: bool) -> list[int]:

@@ -139,6 +139,20 @@ def test_http_requests_are_counted_by_route_and_status(http):
         after, route="/v1/models")
 
 
+def test_unknown_http_methods_share_one_label(http):
+    """A client sending made-up methods cannot mint new series: they all count as method "other"."""
+    def other(s) -> float:
+        return s.get("llamaserve_http_requests_total", method="other")
+
+    before = scrape(http)
+    for method in ("BREW", "PROPFIND", "X" * 200):
+        assert http.request(method, "/health").status_code == 405
+    after = wait_for(http, lambda s: other(s) == other(before) + 3)
+    assert {s.labels.get("method") for s in after.samples if "method" in s.labels} <= {
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other"}
+    assert after.get("llamaserve_http_requests_total", method="other", route="/health", status="405") >= 3
+
+
 def test_request_ids_are_echoed_or_made(http):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     assert http.post("/v1/chat/completions", json=body, headers={"x-request-id": "lb-42"}).headers["x-request-id"] \

@@ -28,6 +28,15 @@ def test_llama2_deployment_configs_load():
     assert engine.parallel.tensor_parallel_size == 8
 
 
+def test_request_limits_come_from_yaml_and_flags(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text("max_n: 4\nmax_stop_strings: 2\n")
+    _, server = load_config(path, max_stop_strings=3, max_request_body_bytes=1024)
+    assert (server.max_n, server.max_stop_strings, server.max_request_body_bytes) == (4, 3, 1024)
+    assert server.max_messages == 1024 and server.max_logit_bias == 1024  # defaults
+    assert main(["serve", "--max-prompts-per-request", "0"]) == 2
+
+
 def test_tp_is_short_for_tensor_parallel_size(tmp_path):
     path = tmp_path / "deploy.yaml"
     path.write_text("tp: 2\n")
@@ -44,6 +53,9 @@ def test_tp_is_short_for_tensor_parallel_size(tmp_path):
         ({"policy": "lifo"}, "policy"),
         ({"port": 70000}, "port"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+        ({"max_request_body_bytes": 0}, "max_request_body_bytes"),
+        ({"max_n": 0}, "max_n"),
+        ({"max_stop_string_length": -1}, "max_stop_string_length"),
     ],
 )
 def test_bad_values_are_refused(options, message):

@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from opentelemetry.trace import TracerProvider
 
+from llamaserve.api.body_limit import BodyLimitMiddleware
 from llamaserve.api.errors import APIError, engine_dead, engine_stalled, install_error_handlers
 from llamaserve.api.metrics import CONTENT_TYPE, Metrics, rejection_reason
 from llamaserve.api.protocol import (
@@ -44,7 +45,7 @@ from llamaserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413, 500, 503)}
 STREAM_RESPONSE = {"description": "a JSON object, or with `stream: true` server-sent events of chunks",
                    "content": {"text/event-stream": {}}}
 
@@ -138,8 +139,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             app.state.telemetry = Telemetry(Metrics(name, client.ready, lambda: client.stats),
                                             RequestTracer(provider) if provider is not None else None,
                                             server_config.log_requests)
-            app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry,
-                                              server_config.max_concurrent_requests, server_config.request_timeout)
+            app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry, server_config)
             # The process sentinel becomes readable when the engine process ends, for whatever reason.
             loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
             if on_ready is not None:
@@ -160,7 +160,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
     app.state.exit_code = 0  # 1 once the engine died: see the module docstring
     install_error_handlers(app, on_rejected=_count_rejection)
     app.include_router(router)
-    app.add_middleware(TelemetryMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_body_bytes)
+    app.add_middleware(TelemetryMiddleware)  # outermost: it sees the body limit's 413s too
     return app
 
 

@@ -4,12 +4,12 @@ Bad input is a 400 that names the parameter (FastAPI's 422 is overridden), an un
 a request past its deadline a 408, a dead or stalled engine a 503; anything unexpected is logged here and answered with a bare 500, never a trace.
 """
 
+import json
 import logging
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from llamaserve.api.protocol import ErrorInfo, ErrorResponse
@@ -34,12 +34,19 @@ class APIError(Exception):
         kind = "invalid_request_error" if self.status < 500 and self.status != 429 else "server_error"
         return ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII-escaped, so a message quoting the request (a lone surrogate included) always encodes.
+        body = json.dumps(ErrorResponse(error=self.info).model_dump())
+        return Response(body, status_code=self.status, headers=self.headers, media_type="application/json")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body exceeds this server's limit of {limit} bytes (--max-request-body-bytes)",
+                    code="request_too_large")
 
 
 def overloaded(limit: int) -> APIError:
@@ -90,6 +97,9 @@ def _param(loc: tuple) -> str | None:
     pydantic adds for union members ('str', 'list[int]', 'TextPart')."""
     parts = []
     for part in loc[1:]:
+        if part == "[key]":  # a bad key of a mapping: name the mapping, not the key
+            parts.pop()
+            break
         if isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool")):
             break
         parts.append(str(part))
@@ -113,25 +123,25 @@ def validation_error(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI, on_rejected: Callable[[Request, APIError], None] | None = None) -> None:
     """`on_rejected(request, error)` hears of every error answered by a matched route (for metrics)."""
 
-    def refuse(request: Request, error: APIError) -> JSONResponse:
+    def refuse(request: Request, error: APIError) -> Response:
         if on_rejected is not None:
             on_rejected(request, error)
         return error.response()
 
-    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    async def on_api_error(request: Request, exc: APIError) -> Response:
         return refuse(request, exc)
 
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         return refuse(request, validation_error(exc))
 
-    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 413: "request_too_large"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
-    async def on_engine_failure(request: Request, exc: EngineDeadError | RequestTimeoutError) -> JSONResponse:
+    async def on_engine_failure(request: Request, exc: EngineDeadError | RequestTimeoutError) -> Response:
         return refuse(request, as_api_error(exc))
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
         return internal_error().response()  # Starlette re-raises it after this, so uvicorn logs the trace
 
     app.add_exception_handler(APIError, on_api_error)

@@ -41,6 +41,8 @@ HTTP_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 REJECTION_REASONS = ("validation", "overloaded", "too_long", "unauthorized")
+# The `method` label takes these; any other token a client sends is "other", so clients cannot mint series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
 
 class Metrics:
@@ -95,7 +97,7 @@ class Metrics:
         r.register(EngineCollector(model_name, ready, stats))
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (self.model_name, method, route, str(status))
+        labels = (self.model_name, method if method in HTTP_METHODS else "other", route, str(status))
         self._http_requests.labels(*labels).inc()
         self._http_duration.labels(*labels).observe(seconds)
 

@@ -1,20 +1,51 @@
 """The OpenAI protocol as pydantic models: requests as clients send them, responses in OpenAI's shapes.
 
-Requests are strict (a string where a number belongs is an error, not coerced) and ignore fields
-they do not know, as OpenAI's API does. Ranges are declared on the fields, so a validation error
-names the parameter. vLLM's extension fields (top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, priority) are accepted under vLLM's names.
+Requests are strict (a string where a number belongs is an error, not coerced; NaN and infinities,
+which Python's JSON parser accepts, are refused) and ignore fields they do not know, as OpenAI's API
+does. Ranges are declared on the fields, so a validation error names the parameter. Known OpenAI
+fields that would change the response in ways this server cannot honour yet (tools, JSON mode, echo,
+...) are refused rather than silently ignored. vLLM's extension fields (top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, priority) are accepted under vLLM's names.
+Count limits that are the operator's to set (stop strings, messages, n, ...) are checked in serving.
 """
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic_core import PydanticCustomError
 
 FinishReason = Literal["stop", "length"]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _unicode(text: str) -> str:
+    # JSON's "\ud800" decodes to a lone surrogate: not Unicode text, so the tokenizer cannot take it and
+    # a response echoing it could not be encoded.
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("invalid_text", "the text holds a lone UTF-16 surrogate at character {index}",
+                                  {"index": e.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def _unsupported(what: str, allowed: Callable[[Any], bool]) -> AfterValidator:
+    """Refuses a field's value unless `allowed(value)`: the server cannot give what it asks for."""
+
+    def check(value: Any) -> Any:
+        if not allowed(value):
+            raise PydanticCustomError("unsupported", f"{what} is not supported yet")
+        return value
+
+    return AfterValidator(check)
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -26,32 +57,44 @@ class StreamOptions(Request):
 
 class TextPart(Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        # Said plainly here: the union's own error for an image part is a list of tag mismatches.
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") != "text" for p in content):
+            raise PydanticCustomError("text_only", "this model takes text only: image, audio and file content "
+                                      "parts are not supported, only {'type': 'text', 'text': ...}")
+        return content
 
 
 class SamplingRequest(Request):
     """The fields chat and completions requests share."""
 
-    model: str | None = None  # None: the served model
+    model: Text | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)  # None: up to the context limit
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    top_p: float = Field(1.0, ge=0, le=1)  # 0: greedy
+    n: int = Field(1, ge=1)  # at most the server's --max-n
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # choice j is seeded with seed + j
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    logit_bias: dict[Text, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: Annotated[dict[str, Any] | None,
+                               _unsupported("a response_format other than {'type': 'text'}",
+                                            lambda v: v is None or v.get("type") == "text")] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM extensions
     top_k: int = Field(0, ge=-1)  # 0 or -1: all tokens
     min_p: float = Field(0.0, ge=0, le=1)
@@ -69,26 +112,38 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Any] | None, _unsupported("tool calling", lambda v: not v)] = None
+    tool_choice: Annotated[str | dict[str, Any] | None,
+                           _unsupported("tool calling", lambda v: v in (None, "none"))] = None
+    functions: Annotated[list[Any] | None, _unsupported("function calling", lambda v: not v)] = None
+    function_call: Annotated[str | dict[str, Any] | None,
+                             _unsupported("function calling", lambda v: v in (None, "none"))] = None
+    modalities: Annotated[list[Text] | None,
+                          _unsupported("audio output", lambda v: not v or "audio" not in v)] = None
+    audio: Annotated[dict[str, Any] | None, _unsupported("audio output", lambda v: v is None)] = None
 
 
 class CompletionRequest(SamplingRequest):
     # One prompt (text or token ids) or a batch of them.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)  # top alternatives per token
+    echo: Annotated[bool, _unsupported("echo (the prompt in the completion)", lambda v: not v)] = False
+    suffix: Annotated[Text | None, _unsupported("suffix (insertion)", lambda v: not v)] = None
+    best_of: Annotated[int | None, Field(ge=1), _unsupported("best_of above 1", lambda v: v in (None, 1))] = None
 
 
 class TokenizeRequest(Request):
     """Either a prompt, or messages rendered with the chat template."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

@@ -43,6 +43,7 @@ from llamaserve.api.protocol import (
     DeltaMessage,
     DetokenizeRequest,
     DetokenizeResponse,
+    INT64_MAX,
     ModelCard,
     ModelList,
     PromptTokensDetails,
@@ -54,6 +55,7 @@ from llamaserve.api.protocol import (
 )
 from llamaserve.api.streaming import event_stream, merge, sse_event
 from llamaserve.api.telemetry import GenerationRecord, Telemetry
+from llamaserve.config import ServerConfig
 from llamaserve.engine.client import AsyncEngineClient
 from llamaserve.engine.messages import TokenLogprobs, kv_blocks_needed
 from llamaserve.sampling_params import SamplingParams
@@ -141,10 +143,11 @@ class Slots:
 
 class OpenAIServing:
     def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str, telemetry: Telemetry,
-                 max_concurrent_requests: int, request_timeout: float | None = None):
+                 config: ServerConfig):
         self.client = client
-        self.slots = Slots(max_concurrent_requests)
-        self.request_timeout = request_timeout  # seconds; None: only the client's header sets a deadline
+        self.limits = config  # its max_* fields: what one request may ask for
+        self.slots = Slots(config.max_concurrent_requests)
+        self.request_timeout = config.request_timeout  # seconds; None: only the client's header sets a deadline
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="llamaserve-tokenizer")
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -158,6 +161,7 @@ class OpenAIServing:
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         record = self.telemetry.start(raw, "chat", request, response_id)
         self._check_serving(request.model)
+        self._check_limits(request, 1)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         prompt_ids = await self._off_loop(self._chat_prompt, request.messages)
@@ -207,6 +211,9 @@ class OpenAIServing:
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         record = self.telemetry.start(raw, "text_completion", request, response_id)
         self._check_serving(request.model)
+        # A string or a list of token ids is one prompt; a list of either is one prompt per entry.
+        single = isinstance(request.prompt, str) or bool(request.prompt) and isinstance(request.prompt[0], int)
+        self._check_limits(request, 1 if single else len(request.prompt))
         prompts = await self._off_loop(self._completion_prompts, request.prompt)
         choices = self._choices(request, prompts, request.logprobs, "prompt")
         deadline = self._deadline(raw)
@@ -252,6 +259,7 @@ class OpenAIServing:
         if (request.prompt is None) == (request.messages is None):
             raise bad_request("give either 'prompt' or 'messages'", "prompt")
         if request.messages is not None:
+            self._check_count(len(request.messages), "max_messages", "messages", "messages")
             ids = await self._off_loop(self._chat_prompt, request.messages, request.add_generation_prompt)
         else:
             ids = await self._off_loop(self.tokenizer.encode, request.prompt, request.add_special_tokens)
@@ -294,6 +302,27 @@ class OpenAIServing:
                 raise bad_request(f"{TIMEOUT_HEADER} must be a positive number of seconds", TIMEOUT_HEADER)
             timeouts.append(timeout)
         return raw.state.start_time + min(timeouts) if timeouts else None
+
+    def _check_limits(self, request: SamplingRequest, num_prompts: int) -> None:
+        """The request stays within the server's limits, checked before any tokenizing."""
+        if isinstance(request, ChatCompletionRequest):
+            self._check_count(len(request.messages), "max_messages", "messages", "messages")
+        self._check_count(num_prompts, "max_prompts_per_request", "prompts", "prompt")
+        self._check_count(request.n, "max_n", "choices", "n")
+        if request.seed is not None and request.seed + request.n - 1 > INT64_MAX:
+            raise bad_request(f"the choices' seeds (seed + 0 .. seed + {request.n - 1}) must fit in 64 bits: "
+                              f"seed must be at most {INT64_MAX - request.n + 1} with n {request.n}", "seed")
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        self._check_count(len(stop), "max_stop_strings", "stop strings", "stop")
+        self._check_count(max(map(len, stop), default=0), "max_stop_string_length", "characters in a stop string",
+                          "stop")
+        self._check_count(len(request.logit_bias or ()), "max_logit_bias", "entries", "logit_bias")
+
+    def _check_count(self, count: int, limit: str, what: str, param: str) -> None:
+        """`count` of `what` in `param` is within the limit ServerConfig.`limit` (the flag of that name)."""
+        if count > getattr(self.limits, limit):
+            raise bad_request(f"'{param}': {count} {what} exceed this server's limit of "
+                              f"{getattr(self.limits, limit)} (--{limit.replace('_', '-')})", param)
 
     def _chat_prompt(self, messages, add_generation_prompt: bool = True) -> list[int]:
         try:
