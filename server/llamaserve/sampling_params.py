@@ -21,7 +21,7 @@ class SamplingParams:
     seed: int | None = None  # the same seed gives the same tokens whatever else shares the batch
     max_tokens: int | None = 16  # None: until EOS or the model's context is full
     stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized text (API side)
-    stop_token_ids: tuple[int, ...] = ()  # generation ends when one of these is sampled
+    stop_token_ids: frozenset[int] = frozenset()  # generation ends when one of these is sampled (a set: O(1) a token)
     ignore_eos: bool = False  # keep generating past the model's EOS token
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
     skip_special_tokens: bool = True  # detokenization drops special tokens
@@ -30,7 +30,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", frozenset(self.stop_token_ids))
         object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)

@@ -89,6 +89,7 @@ CASES = [
     ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 50}, 400, "logprobs"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    (CHAT, {"messages": MESSAGES, "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
     ("/v1/nothing-here", {}, 404, None),
 ]
 

@@ -373,6 +373,8 @@ class OpenAIServing:
                  prompt_param: str) -> list[ChoiceRequest]:
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
         logit_bias = self._logit_bias(request.logit_bias or {})
+        stop_token_ids = frozenset(request.stop_token_ids or ())  # in the vocabulary: at most its size
+        self._check_token_ids(list(stop_token_ids), "stop_token_ids")
         choices = []
         for p, prompt_ids in enumerate(prompts):
             self._check_token_ids(prompt_ids, prompt_param)
@@ -386,7 +388,7 @@ class OpenAIServing:
                         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                         logit_bias=logit_bias,
                         seed=None if request.seed is None else request.seed + j,  # choices differ, reproducibly
-                        max_tokens=max_tokens, stop=tuple(stop), stop_token_ids=tuple(request.stop_token_ids or ()),
+                        max_tokens=max_tokens, stop=tuple(stop), stop_token_ids=stop_token_ids,
                         ignore_eos=request.ignore_eos, logprobs=logprobs,
                     )
                 except ValueError as e:  # its messages start with the field's name
