@@ -167,9 +167,7 @@ class OpenAIServing:
         prompt_ids = await self._off_loop(self._chat_prompt, request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         choices = self._choices(request, [prompt_ids], logprobs, prompt_param="messages")
-        deadline = self._deadline(raw)
-        release = self.slots.reserve(len(choices))
-        record.track([(c.prompt_index, c.prompt_ids) for c in choices])
+        generation = self._admit(raw, response_id, choices, request.priority, record)
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse_event(ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
@@ -179,7 +177,7 @@ class OpenAIServing:
             for c in choices:  # the role comes first, before any text
                 yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))])
             usage = UsageCounter(choices)
-            async for d in self._generate(response_id, choices, request.priority, deadline, record):
+            async for d in generation.deltas():
                 usage.add(d)
                 if d.text or d.logprobs or d.finish_reason:
                     lp = self._chat_logprobs([d]) if logprobs is not None else None
@@ -190,12 +188,8 @@ class OpenAIServing:
                 yield chunk([], usage.usage())
 
         if request.stream:
-            return event_stream(events(), on_close=release)
-        try:
-            deltas, usage = await cancel_on_disconnect(
-                raw, self._collect(response_id, choices, request.priority, deadline, record))
-        finally:
-            release()  # the slots are given back however the request ends
+            return generation.stream(events())
+        deltas, usage = await generation.collect(raw)
         return json_response(ChatCompletion(
             id=response_id, created=created, model=self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
             choices=[
@@ -216,9 +210,7 @@ class OpenAIServing:
         self._check_limits(request, 1 if single else len(request.prompt))
         prompts = await self._off_loop(self._completion_prompts, request.prompt)
         choices = self._choices(request, prompts, request.logprobs, "prompt")
-        deadline = self._deadline(raw)
-        release = self.slots.reserve(len(choices))
-        record.track([(c.prompt_index, c.prompt_ids) for c in choices])
+        generation = self._admit(raw, response_id, choices, request.priority, record)
 
         def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
             return Completion(id=response_id, created=created, model=self.model_name,
@@ -229,7 +221,7 @@ class OpenAIServing:
 
         async def events() -> AsyncIterator[str]:
             usage = UsageCounter(choices)
-            async for d in self._generate(response_id, choices, request.priority, deadline, record):
+            async for d in generation.deltas():
                 usage.add(d)
                 if d.text or d.logprobs or d.finish_reason:
                     choice = CompletionChoice(index=d.index, text=d.text, logprobs=logprobs([d]),
@@ -239,12 +231,8 @@ class OpenAIServing:
                 yield sse_event(completion([], usage.usage()))
 
         if request.stream:
-            return event_stream(events(), on_close=release)
-        try:
-            deltas, usage = await cancel_on_disconnect(
-                raw, self._collect(response_id, choices, request.priority, deadline, record))
-        finally:
-            release()  # the slots are given back however the request ends
+            return generation.stream(events())
+        deltas, usage = await generation.collect(raw)
         return json_response(completion(
             [CompletionChoice(index=i, text="".join(d.text for d in ds), logprobs=logprobs(ds),
                               finish_reason=ds[-1].finish_reason) for i, ds in deltas.items()],
@@ -287,6 +275,14 @@ class OpenAIServing:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
                            "model", "model_not_found")
+
+    def _admit(self, raw: Request, response_id: str, choices: list[ChoiceRequest], priority: int,
+               record: GenerationRecord) -> "Generation":
+        """Reserves the choices' concurrency slots (or refuses with 429) and fixes the deadline."""
+        deadline = self._deadline(raw)
+        release = self.slots.reserve(len(choices))
+        record.track([(c.prompt_index, c.prompt_ids) for c in choices])
+        return Generation(self, response_id, choices, priority, deadline, record, release)
 
     def _deadline(self, raw: Request) -> float | None:
         """When this request must be done (time.monotonic()): the server's --request-timeout, or the
@@ -408,10 +404,6 @@ class OpenAIServing:
 
     # ---- engine outputs -> deltas -----------------------------------------------------------
 
-    def _generate(self, response_id: str, choices: list[ChoiceRequest], priority: int, deadline: float | None,
-                  record: GenerationRecord) -> AsyncIterator[ChoiceDelta]:
-        return merge([self._run_choice(f"{response_id}-{c.index}", c, priority, deadline, record) for c in choices])
-
     async def _run_choice(self, request_id: str, choice: ChoiceRequest, priority: int, deadline: float | None,
                           record: GenerationRecord) -> AsyncIterator[ChoiceDelta]:
         params = choice.params
@@ -452,16 +444,6 @@ class OpenAIServing:
         finally:
             metrics.finish(ended or "abort")
 
-    async def _collect(self, response_id: str, choices: list[ChoiceRequest], priority: int, deadline: float | None,
-                       record: GenerationRecord) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
-        deltas: dict[int, list[ChoiceDelta]] = {c.index: [] for c in choices}
-        usage = UsageCounter(choices)
-        async with aclosing(self._generate(response_id, choices, priority, deadline, record)) as stream:
-            async for d in stream:
-                deltas[d.index].append(d)
-                usage.add(d)
-        return deltas, usage.usage()
-
     # ---- logprobs ---------------------------------------------------------------------------
 
     def _token_text(self, token_id: int) -> str:
@@ -493,6 +475,44 @@ class OpenAIServing:
                 result.text_offset.append(offset)
                 offset += len(text)
         return result
+
+
+@dataclass
+class Generation:
+    """One admitted chat or completions request: its choices' engine requests, and the concurrency slots
+    they hold until the response is over, however it ends."""
+
+    serving: OpenAIServing
+    response_id: str
+    choices: list[ChoiceRequest]
+    priority: int
+    deadline: float | None  # time.monotonic(); None: none
+    record: GenerationRecord
+    release: Callable[[], None]
+
+    def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Every choice's deltas, interleaved as they arrive."""
+        return merge([self.serving._run_choice(f"{self.response_id}-{c.index}", c, self.priority, self.deadline,
+                                               self.record) for c in self.choices])
+
+    def stream(self, events: AsyncIterator[str]) -> Response:
+        return event_stream(events, on_close=self.release)
+
+    async def collect(self, raw: Request) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
+        """All deltas per choice, for a response sent whole; cancelled if the client goes away first."""
+        try:
+            return await cancel_on_disconnect(raw, self._collect())
+        finally:
+            self.release()
+
+    async def _collect(self) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
+        deltas: dict[int, list[ChoiceDelta]] = {c.index: [] for c in self.choices}
+        usage = UsageCounter(self.choices)
+        async with aclosing(self.deltas()) as stream:
+            async for d in stream:
+                deltas[d.index].append(d)
+                usage.add(d)
+        return deltas, usage.usage()
 
 
 # ---- HTTP plumbing ----------------------------------------------------------------------------
