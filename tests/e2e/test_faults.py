@@ -65,39 +65,32 @@ async def streams_then_marked(url: str, marked: dict) -> tuple[list[tuple[str, d
         return await asyncio.gather(*tasks), response
 
 
-def assert_serves_normally(http: httpx.Client, solo: list[str]) -> None:
-    assert http.get("/health").json()["kv_cache_usage"] == 0
-    again = http.post("/v1/chat/completions", json=chat(PROMPTS[0])).json()["choices"][0]["message"]["content"]
-    assert again == solo[0]
+def only_the_request_failed(results: list[tuple[str, dict | None]], solo: list[str], error: dict) -> None:
+    assert "injected fault" in error["message"]
+    assert [text for text, _ in results] == solo and all(e is None for _, e in results)
 
 
-def test_a_fault_in_one_request_fails_it_alone(tmp_path):
-    server = Server(tmp_path, "--inject-fault", f"request:{MARK}")
+def the_step_failed(results: list[tuple[str, dict | None]], solo: list[str], error: dict) -> None:
+    # Every stream was in the marked request's first step: each ends with an error event, after a
+    # correct beginning of its text.
+    for (text, stream_error), alone in zip(results, solo):
+        assert stream_error["code"] == "engine_error" and "OutOfMemoryError" in stream_error["message"]
+        assert alone.startswith(text) and text != alone
+
+
+@pytest.mark.parametrize("kind,check", [("request", only_the_request_failed), ("step", the_step_failed)])
+def test_an_injected_fault_fails_what_it_concerns_and_the_engine_serves_on(tmp_path, kind, check):
+    server = Server(tmp_path, "--inject-fault", f"{kind}:{MARK}")
     try:
         http = httpx.Client(base_url=server.url, timeout=60)
         solo = solo_texts(http)
         results, marked = asyncio.run(streams_then_marked(server.url, marked_request(http)))
         error = assert_error_shape(marked, 500)
-        assert error["code"] == "engine_error" and "injected fault" in error["message"]
-        assert [text for text, _ in results] == solo and all(e is None for _, e in results)
-        assert_serves_normally(http, solo)
-    finally:
-        server.stop()
-
-
-def test_a_fault_in_a_step_fails_its_requests_and_the_engine_serves_on(tmp_path):
-    server = Server(tmp_path, "--inject-fault", f"step:{MARK}")
-    try:
-        http = httpx.Client(base_url=server.url, timeout=60)
-        solo = solo_texts(http)
-        results, marked = asyncio.run(streams_then_marked(server.url, marked_request(http)))
-        assert assert_error_shape(marked, 500)["code"] == "engine_error"
-        # Every stream was in the marked request's first step: each ends with an error event, after a
-        # correct beginning of its text.
-        for (text, error), alone in zip(results, solo):
-            assert error is not None and error["code"] == "engine_error" and "OutOfMemoryError" in error["message"]
-            assert alone.startswith(text) and text != alone
-        assert_serves_normally(http, solo)
+        assert error["code"] == "engine_error"
+        check(results, solo, error)
+        assert http.get("/health").json()["kv_cache_usage"] == 0
+        again = http.post("/v1/chat/completions", json=chat(PROMPTS[0])).json()["choices"][0]["message"]["content"]
+        assert again == solo[0]
     finally:
         server.stop()
 
