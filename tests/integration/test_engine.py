@@ -158,3 +158,41 @@ def test_requests_that_cannot_run_are_refused(checkpoint):
     bad_token = core.add_request(AddRequest("y", [1, 2, 999], GREEDY))
     assert bad_token.finish_reason == "error" and "token ids" in bad_token.error
     assert not core.has_work()
+
+
+def test_a_fault_in_the_schedulers_bookkeeping_fails_every_request_and_the_engine_serves_on(checkpoint, monkeypatch):
+    core = engine(checkpoint)
+    requests = {str(i): p for i, p in enumerate(prompts(4, seed=9))}
+    expected = run(core, {0: [(i, p, GREEDY) for i, p in requests.items()]})
+    for i, p in requests.items():
+        assert core.add_request(AddRequest(f"again-{i}", p, GREEDY)) is None
+    core.step()  # under way
+    update = core.scheduler.update
+
+    def broken(*args):
+        monkeypatch.setattr(core.scheduler, "update", update)  # once
+        raise KeyError("a bookkeeping bug")
+
+    monkeypatch.setattr(core.scheduler, "update", broken)
+    outputs = core.step()
+    assert sorted(o.request_id for o in outputs) == sorted(f"again-{i}" for i in requests)
+    assert all(o.finish_reason == "error" and "KeyError" in o.error for o in outputs)
+    assert not core.has_work() and core.block_manager.usage == 0
+    assert run(core, {0: [(f"after-{i}", p, GREEDY) for i, p in requests.items()]}) == {
+        f"after-{i}": tokens for i, tokens in expected.items()}
+
+
+def test_a_seed_the_generator_refuses_fails_that_request_alone(checkpoint):
+    """The first bug of issue 10: a seed of 2**64 killed the engine. Past the API's check it fails alone."""
+    core = engine(checkpoint)
+    ps = prompts(3, seed=11)
+    expected = run(core, {0: [(str(i), p, GREEDY) for i, p in enumerate(ps)]})
+    assert core.add_request(AddRequest("bad", ps[0], SamplingParams(temperature=0.8, seed=2**64))) is None
+    for i, p in enumerate(ps):
+        assert core.add_request(AddRequest(str(i), p, GREEDY)) is None
+    tokens, bad = {str(i): [] for i in range(len(ps))}, []
+    while core.has_work():
+        for out in core.step():
+            (bad if out.request_id == "bad" else tokens[out.request_id]).append(out)
+    assert [(o.finish_reason, o.new_token_ids) for o in bad] == [("error", [])] and "Overflow" in bad[0].error
+    assert {i: [t for o in outs for t in o.new_token_ids] for i, outs in tokens.items()} == expected
