@@ -35,6 +35,8 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                    help="do not reuse the KV of shared prompt prefixes")
     p.add_argument("--policy", choices=["fcfs", "priority"], help="admission order (default fcfs)")
+    p.add_argument("--merge-lora", help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) "
+                   "folded into the weights at load, as merge_and_unload does; the result is served as the model")
     p.add_argument("--chat-template", help="built-in template name (llama-2) or a .jinja file "
                    "(default: the checkpoint's own)")
     p.add_argument("--max-concurrent-requests", type=int,

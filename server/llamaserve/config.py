@@ -17,6 +17,7 @@ class ModelConfig:
     chat_template: str | None = None  # built-in name (e.g. "llama-2") or .jinja file; None: the checkpoint's
     cache_dir: Path = Path.home() / ".cache" / "llamaserve"  # converted GGUF checkpoints live here
     show_progress: bool = False  # a progress bar while the weights load (the server turns it on)
+    merge_lora: str | None = None  # a PEFT LoRA adapter folder folded into the weights at load
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

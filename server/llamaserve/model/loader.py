@@ -168,8 +168,10 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = False,
     tp: TensorParallel = TensorParallel(),
+    merge_lora: str | Path | None = None,
 ) -> LlamaForCausalLM:
-    """The model, or with `tp` one rank's shard of it: each rank reads only its own slices."""
+    """The model, or with `tp` one rank's shard of it: each rank reads only its own slices. `merge_lora`:
+    a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora)."""
     path = Path(checkpoint)
     arch = ModelArchitecture.from_checkpoint(path)
     dtype = parse_dtype(dtype)
@@ -179,6 +181,10 @@ def load_model(
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     checkpoint = SafetensorsCheckpoint(path)
+    if merge_lora is not None:
+        from .lora import LoraAdapter, MergedCheckpoint  # lora imports this module
+
+        checkpoint = MergedCheckpoint(checkpoint, LoraAdapter.load(merge_lora))
     names = checkpoint.names()
     if progress:
         names = tqdm(names, desc="Loading weights", unit=" tensors")

@@ -1,0 +1,129 @@
+"""LoRA adapters as PEFT saves them, and folding one into the base weights at load (`merge_and_unload`).
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors`, whose tensors are named
+`base_model.model.<base module>.lora_A.weight` ([rank, in]) and `.lora_B.weight` ([out, rank]). The
+adapted weight is W + scaling * B @ A, with scaling = lora_alpha / rank (lora_alpha / sqrt(rank) with
+`use_rslora`). Adapters trained on a 4-bit (QLoRA) base have the same form and serve on the
+full-precision base. What PEFT can save beyond that is refused at load, by name.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .loader import SafetensorsCheckpoint
+
+# The base modules an adapter may target: every linear layer of a decoder layer.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TENSOR = re.compile(r"base_model\.model\.(model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+))\.lora_([AB])\.weight")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served, and why."""
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    a: torch.Tensor  # [rank, in] float32
+    b: torch.Tensor  # [out, rank] float32, already multiplied by the adapter's scaling
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    path: Path
+    rank: int
+    weights: dict[str, LoraWeights]  # base checkpoint tensor name ("model.layers.0.self_attn.q_proj.weight") ->
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LoraAdapter":
+        path = Path(path)
+        config = _read_config(path)
+        if not (path / "adapter_model.safetensors").is_file():
+            if (path / "adapter_model.bin").is_file():
+                raise AdapterError(f"{path}: adapter_model.bin is a pickle file, and loading one can run arbitrary "
+                                   "code; save the adapter with safetensors (PEFT's default)")
+            raise AdapterError(f"{path}: no adapter_model.safetensors")
+        rank, alpha = config["r"], config.get("lora_alpha", config["r"])
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        tensors = SafetensorsCheckpoint(path)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for name in tensors.names():
+            match = _TENSOR.fullmatch(name)
+            if match is None:
+                raise AdapterError(f"{path}: tensor {name} adapts something other than a decoder layer's linear "
+                                   f"projections ({', '.join(TARGET_MODULES)}); it is not supported")
+            module, projection, which = match.groups()
+            if projection not in TARGET_MODULES:
+                raise AdapterError(f"{path}: target module {projection} is not supported "
+                                   f"(supported: {', '.join(TARGET_MODULES)})")
+            pairs.setdefault(f"{module}.weight", {})[which] = tensors.read(name).float()
+        weights = {}
+        for name, pair in pairs.items():
+            if set(pair) != {"A", "B"}:
+                raise AdapterError(f"{path}: {name} has lora_{''.join(pair)} without its other half")
+            a, b = pair["A"], pair["B"]
+            if a.shape[0] != rank or b.shape[1] != rank:
+                raise AdapterError(f"{path}: {name} has rank {a.shape[0]}, the config says r={rank}")
+            weights[name] = LoraWeights(a, b * scaling)
+        if not weights:
+            raise AdapterError(f"{path}: the adapter holds no LoRA tensors")
+        return cls(path, rank, weights)
+
+
+def _read_config(path: Path) -> dict:
+    file = path / "adapter_config.json"
+    if not file.is_file():
+        raise AdapterError(f"{path}: no adapter_config.json (a PEFT adapter folder, as save_pretrained writes it)")
+    config = json.loads(file.read_text())
+    refusals = [
+        (config.get("peft_type", "LORA") != "LORA", f"peft_type {config.get('peft_type')!r} (only LORA)"),
+        (bool(config.get("use_dora")), "DoRA (use_dora)"),
+        (bool(config.get("modules_to_save")), f"modules_to_save {config.get('modules_to_save')} (new or retrained "
+                                               "whole modules, such as embeddings)"),
+        (config.get("bias", "none") != "none", f"trained biases (bias {config.get('bias')!r})"),
+        (bool(config.get("rank_pattern")) or bool(config.get("alpha_pattern")), "per-module rank_pattern or "
+                                                                               "alpha_pattern"),
+        (bool(config.get("fan_in_fan_out")), "fan_in_fan_out (GPT-2 style Conv1D layers)"),
+        (not isinstance(config.get("r"), int) or config["r"] < 1, f"rank r={config.get('r')!r}"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            raise AdapterError(f"{path}: {what} is not supported")
+    return config
+
+
+class MergedCheckpoint:
+    """A base checkpoint with one adapter folded into its weights, read exactly as the base is: by name,
+    whole or one rank's slice. So every tensor-parallel rank merges only its own slice."""
+
+    def __init__(self, base: SafetensorsCheckpoint, adapter: LoraAdapter):
+        for name, lora in adapter.weights.items():
+            if name not in base.names():
+                raise AdapterError(f"{adapter.path}: adapts {name}, which the base model does not have")
+            expected = (lora.b.shape[0], lora.a.shape[1])
+            if base.shape(name) != expected:
+                raise AdapterError(f"{adapter.path}: {name} is {base.shape(name)} in the base model but the adapter "
+                                   f"was trained on {expected}: an adapter for another base")
+        self.base, self.adapter = base, adapter
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        weight = self.base.read(name, dim, start, stop)
+        lora = self.adapter.weights.get(name)
+        if lora is None:
+            return weight
+        a, b = lora.a, lora.b
+        if dim == 0:
+            b = b[start:stop]
+        elif dim == 1:
+            a = a[:, start:stop]
+        return (weight.float() + b @ a).to(weight.dtype)  # W + scaling * B @ A, as merge_and_unload computes
