@@ -79,6 +79,36 @@ class ParallelConfig:
             raise ValueError("master_port must be in 1..65535")
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters served beside the base model, chosen per request by its `model` field."""
+
+    lora_modules: tuple[str, ...] = ()  # "name=path" adapters registered at start (YAML: a list, or name: path)
+    enable_lora: bool = False  # adapter slots even with none registered at start (runtime loading); implied
+    max_loras: int = 4  # adapters resident at once: the most one engine step mixes
+    max_lora_rank: int = 16  # the largest adapter rank the slots hold
+
+    def __post_init__(self):
+        modules = self.lora_modules
+        if isinstance(modules, dict):
+            modules = [f"{name}={path}" for name, path in modules.items()]
+        modules = (modules,) if isinstance(modules, str) else tuple(modules)
+        object.__setattr__(self, "lora_modules", modules)
+        if any("=" not in m or not m.split("=", 1)[0] or not m.split("=", 1)[1] for m in modules):
+            raise ValueError("lora_modules entries must be NAME=PATH")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
+
+    @property
+    def modules(self) -> dict[str, str]:
+        """name -> adapter folder."""
+        return dict(m.split("=", 1) for m in self.lora_modules)
+
+
 FAULT_KINDS = ("request", "step", "hang")
 
 
@@ -156,12 +186,13 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":
         """Flat keyword options (as `LLM(...)` and the CLI take them) sorted into their sections."""
         sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig,
-                    "faults": FaultConfig}
+                    "faults": FaultConfig, "lora": LoraConfig}
         fields = {name: {} for name in sections}
         for key, value in options.items():
             owner = next((name for name, kind in sections.items() if key in kind.__dataclass_fields__), None)

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM as ReferenceLlama
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.core import EngineCore
-from llamaserve.engine.messages import AddRequest
+from llamaserve.engine.messages import AddRequest, LoadAdapter, UnloadAdapter
 from llamaserve.model.loader import load_model
 from llamaserve.model.lora import AdapterError, LoraAdapter
 from llamaserve.sampling_params import SamplingParams
@@ -66,24 +66,92 @@ def test_merged_adapter_logits_equal_peft(base, tmp_path, config):
     assert (plain - ours).abs().max() > 100 * TOL  # the adapter changes the output
 
 
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+ENGINE = dict(num_blocks=128, block_size=4, max_model_len=256)
+
+
+def peft_greedy(base, adapter, prompt: list[int]) -> list[int]:
+    model = ReferenceLlama.from_pretrained(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+
+
+def generate(core: EngineCore, requests: dict[str, tuple[list[int], str | None]]) -> dict[str, list[int]]:
+    """Greedy tokens of requests (id -> (prompt, adapter)) submitted together."""
+    tokens = {request_id: [] for request_id in requests}
+    for request_id, (prompt, lora) in requests.items():
+        assert core.add_request(AddRequest(request_id, prompt, GREEDY, lora=lora)) is None
+    while core.has_work():
+        for out in core.step():
+            assert out.finish_reason != "error", out.error
+            tokens[out.request_id] += out.new_token_ids
+    return tokens
+
+
+def engine(base, tp: int = 1, **options) -> EngineCore:
+    return EngineCore(EngineConfig.from_options(model=str(base), tensor_parallel_size=tp, **ENGINE, **options))
+
+
 def test_merged_greedy_tokens_equal_merge_and_unload_on_one_and_two_ranks(base, tmp_path):
     adapter = make_adapter(base, tmp_path / "adapter", seed=1)
-    merged = PeftModel.from_pretrained(ReferenceLlama.from_pretrained(base), adapter).merge_and_unload()
-    with torch.no_grad():
-        expected = merged.generate(torch.tensor([TOKENS]), max_new_tokens=10, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0, len(TOKENS):].tolist()
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    options = dict(num_blocks=64, block_size=4, max_model_len=256, merge_lora=str(adapter))
+    expected = peft_greedy(base, adapter, TOKENS)
     for tp in (1, 2):
-        core = EngineCore(EngineConfig.from_options(model=str(base), tensor_parallel_size=tp, **options))
+        core = engine(base, tp, merge_lora=str(adapter))
         try:
-            assert core.add_request(AddRequest("r", TOKENS, params)) is None
-            tokens = []
-            while core.has_work():
-                tokens += [t for out in core.step() for t in out.new_token_ids]
+            assert generate(core, {"r": (TOKENS, None)})["r"] == expected, f"tp={tp}"
         finally:
             core.shutdown()
-        assert tokens == expected, f"tp={tp}"
+
+
+@pytest.fixture(scope="module")
+def adapters(base, tmp_path_factory):
+    """Two adapters of different ranks and targets, and each one's (and the base's) output from PEFT."""
+    root = tmp_path_factory.mktemp("adapters")
+    a = make_adapter(base, root / "a", seed=1)
+    b = make_adapter(base, root / "b", seed=2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    prompts = [TOKENS, TOKENS[3:] + [11, 12]]
+    expected = {(p, name): peft_greedy(base, path, prompt) for p, prompt in enumerate(prompts)
+                for name, path in ((None, None), ("a", a), ("b", b))}
+    return {"a": str(a), "b": str(b)}, prompts, expected
+
+
+@pytest.mark.parametrize("tp,max_loras", [(1, 2), (1, 1), (2, 2)])
+def test_one_batch_mixes_the_base_and_two_adapters_and_each_gets_its_own_output(base, adapters, tp, max_loras):
+    paths, prompts, expected = adapters
+    core = engine(base, tp, lora_modules=tuple(f"{n}={p}" for n, p in paths.items()), max_loras=max_loras,
+                  max_lora_rank=8)
+    try:
+        # One after another, the same prompt under the base, a and b: the prefix cache must not hand one
+        # adapter's K/V to another.
+        for name in (None, "a", "b"):
+            assert generate(core, {"solo": (prompts[0], name)})["solo"] == expected[(0, name)], name
+        # All at once, in one batch (with one slot, the scheduler lets one adapter run at a time).
+        requests = {f"{p}-{name}": (prompt, name) for p, prompt in enumerate(prompts) for name in (None, "a", "b")}
+        tokens = generate(core, requests)
+        assert tokens == {f"{p}-{name}": expected[(p, name)] for p, _ in enumerate(prompts) for name in (None, "a", "b")}
+    finally:
+        core.shutdown()
+
+
+def test_adapters_load_and_unload_while_the_engine_runs(base, adapters, tmp_path):
+    paths, prompts, expected = adapters
+    core = engine(base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    try:
+        assert core.add_request(AddRequest("early", prompts[0], GREEDY, lora="a")) is not None  # not loaded yet
+        assert core.run_command(LoadAdapter(1, "a", paths["a"])).error is None
+        assert "already" in core.run_command(LoadAdapter(2, "a", paths["a"])).error
+        too_big = make_adapter(base, tmp_path / "big", r=16, lora_alpha=16)
+        assert "max-lora-rank" in core.run_command(LoadAdapter(3, "big", str(too_big))).error
+        assert "adapter_config.json" in core.run_command(LoadAdapter(4, "nothing", str(tmp_path))).error
+        assert generate(core, {"r": (prompts[0], "a")})["r"] == expected[(0, "a")]
+        assert core.run_command(UnloadAdapter(5, "a")).error is None
+        assert core.add_request(AddRequest("late", prompts[0], GREEDY, lora="a")) is not None
+        assert generate(core, {"r": (prompts[0], None)})["r"] == expected[(0, None)]
+    finally:
+        core.shutdown()
 
 
 def rewrite_config(adapter, **changes):

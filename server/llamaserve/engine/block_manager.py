@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 from llamaserve.engine.request import Request
 
-_ROOT_HASH = b""  # "parent hash" of a sequence's first block
+def _root_hash(request: Request) -> bytes:
+    """The "parent hash" of a sequence's first block: K/V computed under one adapter never serve another."""
+    return b"" if request.lora is None else hashlib.sha256(b"lora:" + request.lora.encode()).digest()
 
 
 @dataclass(slots=True)
@@ -181,7 +183,7 @@ class BlockManager:
         """Chain hash of the request's full block `index`, memoized in seq.block_hashes."""
         hashes = seq.block_hashes
         for i in range(len(hashes), index + 1):
-            parent = hashes[i - 1] if i else _ROOT_HASH
+            parent = hashes[i - 1] if i else _root_hash(request)
             tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
             hashes.append(hashlib.sha256(parent + array("q", tokens).tobytes()).digest())
         return hashes[index]

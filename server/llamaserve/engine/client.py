@@ -17,11 +17,21 @@ import os
 import queue
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.channel import Channel
-from llamaserve.engine.messages import AbortRequests, AddRequest, EngineStats, RequestOutput, StepOutputs
+from llamaserve.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    CommandResult,
+    EngineStats,
+    LoadAdapter,
+    RequestOutput,
+    StepOutputs,
+    UnloadAdapter,
+)
 from llamaserve.logs import configure_process
 from llamaserve.sampling_params import SamplingParams
 
@@ -51,6 +61,8 @@ class EngineReady:
     checkpoint: str  # the resolved checkpoint directory (tokenizer files live there)
     dtype: str  # of the weights and the KV cache
     tensor_parallel_size: int
+    lora_enabled: bool = False
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters registered at start: name -> folder
 
 
 @dataclass
@@ -92,7 +104,7 @@ def run_engine_core(config: EngineConfig, conn, log_format: str = "text") -> Non
         raise
     conn.send(EngineReady(core.runner.num_blocks, config.cache.block_size, config.scheduler.max_model_len,
                           core.runner.arch.vocab_size, str(core.runner.checkpoint), config.model.dtype,
-                          config.parallel.tensor_parallel_size))
+                          config.parallel.tensor_parallel_size, config.lora.enabled, dict(core.runner.adapters)))
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     channel = Channel(conn, inbox.put, "engine")
     idle_wait = config.parallel.distributed_timeout / 4  # tensor-parallel workers hear from rank 0 this often
@@ -109,6 +121,8 @@ def run_engine_core(config: EngineConfig, conn, log_format: str = "text") -> Non
                         refused.append(error)
                 elif isinstance(message, AbortRequests):
                     core.abort(message.request_ids)
+                elif isinstance(message, LoadAdapter | UnloadAdapter):
+                    channel.send(core.run_command(message))
             if core.has_work() or refused:
                 # Every step sends a message, outputs or not: the API's stall watchdog counts on it.
                 outputs = refused + (core.step() if core.has_work() else [])
@@ -140,6 +154,8 @@ class AsyncEngineClient:
         self.stats = EngineStats()  # as of the latest step
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: Channel | None = None
+        self._commands: dict[int, asyncio.Future] = {}  # command id -> its CommandResult's error
+        self._command_ids = itertools.count()
 
     @classmethod
     async def start(cls, config: EngineConfig, log_format: str = "text",
@@ -192,9 +208,14 @@ class AsyncEngineClient:
         except RuntimeError:  # the loop has closed: nobody is listening any more
             pass
 
-    def _on_message(self, message: StepOutputs | None) -> None:
+    def _on_message(self, message: StepOutputs | CommandResult | None) -> None:
         if message is None:  # the pipe closed: the engine process is gone
             self._engine_died()
+            return
+        if isinstance(message, CommandResult):
+            future = self._commands.pop(message.command_id, None)
+            if future is not None and not future.done():
+                future.set_result(message.error)
             return
         self._progress_time = time.monotonic()
         if self._stalled:
@@ -230,6 +251,9 @@ class AsyncEngineClient:
         log.error("%s", self._dead)
         for stream in self._streams.values():
             stream.put_nowait(self._dead)
+        for future in self._commands.values():
+            if not future.done():
+                future.set_exception(self._dead)
 
     def _send(self, message) -> None:
         if self._dead is not None:
@@ -238,7 +262,7 @@ class AsyncEngineClient:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams, priority: int = 0,
-        deadline: float | None = None,
+        deadline: float | None = None, lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request until it finishes. Leaving the loop early (a client that went away, a
         cancelled task) aborts the request in the engine, freeing its KV blocks. Past `deadline` (a
@@ -255,7 +279,7 @@ class AsyncEngineClient:
                                           RequestTimeoutError(f"request {request_id} passed its deadline"))
         finished = False
         try:
-            self._send(AddRequest(request_id, list(prompt_token_ids), sampling_params, priority))
+            self._send(AddRequest(request_id, list(prompt_token_ids), sampling_params, priority, lora=lora))
             if not self._unfinished:  # the engine had nothing to do: the watchdog counts from now
                 self._progress_time = time.monotonic()
             self._unfinished.add(request_id)
@@ -271,6 +295,21 @@ class AsyncEngineClient:
             del self._streams[request_id]
             if not finished and self._dead is None:
                 self.abort(request_id)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Registers a LoRA adapter folder in the engine; ValueError with the reason when it cannot."""
+        await self._command(LoadAdapter(next(self._command_ids), name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._command(UnloadAdapter(next(self._command_ids), name))
+
+    async def _command(self, command: LoadAdapter | UnloadAdapter) -> None:
+        future = self._loop.create_future()
+        self._commands[command.command_id] = future
+        self._send(command)
+        error = await future
+        if error is not None:
+            raise ValueError(error)
 
     def abort(self, request_id: str) -> None:
         self._unfinished.discard(request_id)

@@ -7,7 +7,15 @@ from collections.abc import Callable
 from llamaserve.config import EngineConfig
 from llamaserve.engine.block_manager import BlockManager
 from llamaserve.engine.faults import describe, is_fatal
-from llamaserve.engine.messages import ITERATION_TOKENS_BUCKETS, AddRequest, EngineStats, RequestOutput
+from llamaserve.engine.messages import (
+    ITERATION_TOKENS_BUCKETS,
+    AddRequest,
+    CommandResult,
+    EngineStats,
+    LoadAdapter,
+    RequestOutput,
+    UnloadAdapter,
+)
 from llamaserve.engine.model_runner import ModelRunner, RunnerOutput
 from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
@@ -24,7 +32,8 @@ class EngineCore:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.runner.arch.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.runner.arch.eos_token_ids,
+                                   config.lora.max_loras if config.lora.enabled else 0)
         self.stats = EngineStats()
 
     def add_request(self, add: AddRequest) -> RequestOutput | None:
@@ -32,7 +41,9 @@ class EngineCore:
         vocab = self.runner.arch.vocab_size
         try:
             request = Request(add.request_id, add.prompt_token_ids, add.sampling_params, add.priority,
-                              add.arrival_time)
+                              add.arrival_time, add.lora)
+            if add.lora is not None and not self.runner.has_adapter(add.lora):
+                raise ValueError(f"no LoRA adapter named {add.lora!r} is loaded")
             if any(not 0 <= t < vocab for t in add.prompt_token_ids):
                 raise ValueError(f"prompt token ids must be in [0, {vocab})")
             if any(not 0 <= t < vocab for t in add.sampling_params.logit_bias):
@@ -45,6 +56,20 @@ class EngineCore:
             return RequestOutput(add.request_id, [], finish_reason="error", error=describe(e),
                                  error_type="invalid_request")
         return None
+
+    def run_command(self, command: LoadAdapter | UnloadAdapter) -> CommandResult:
+        """Adapter registration, between steps."""
+        try:
+            if isinstance(command, LoadAdapter):
+                self.runner.register_adapter(command.name, command.path)
+            else:
+                self.runner.unregister_adapter(command.name)
+        except (ValueError, OSError) as e:  # AdapterError is a ValueError; a missing folder an OSError
+            return CommandResult(command.command_id, str(e))
+        except Exception as e:  # whatever else a malformed folder trips over: this command alone fails
+            return CommandResult(command.command_id, f"{command.path if isinstance(command, LoadAdapter) else ''}: "
+                                 f"{describe(e)}")
+        return CommandResult(command.command_id)
 
     def abort(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)

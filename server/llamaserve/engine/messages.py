@@ -31,11 +31,33 @@ class AddRequest:
     sampling_params: SamplingParams
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    lora: str | None = None  # the adapter's name; None: the base model
 
 
 @dataclass
 class AbortRequests:
     request_ids: list[str]
+
+
+@dataclass
+class LoadAdapter:
+    """Register a LoRA adapter folder under `name`; answered by a CommandResult."""
+
+    command_id: int
+    name: str
+    path: str
+
+
+@dataclass
+class UnloadAdapter:
+    command_id: int
+    name: str
+
+
+@dataclass
+class CommandResult:
+    command_id: int
+    error: str | None = None  # None: done
 
 
 @dataclass

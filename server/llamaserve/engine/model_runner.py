@@ -7,6 +7,7 @@ engine core) builds each step's inputs, broadcasts them, runs its shard and samp
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from llamaserve.engine.workers import WorkerGroup, init_process_group
 from llamaserve.model.architecture import ModelArchitecture
 from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
 from llamaserve.model.loader import load_model, parse_dtype, resolve_checkpoint
+from llamaserve.model.lora import AdapterError, LoraManager
 from llamaserve.model.sampler import Sampler, SamplingBatch
 from llamaserve.model.sharding import TensorParallel, heads_per_rank
 
@@ -44,6 +46,8 @@ class StepInputs:
     seq_lens: list[int]  # tokens per request once this step's are cached
     block_tables: list[list[int]]
     sample: list[bool]  # whether each request samples a token after this step
+    lora_slots: list[int] = field(default_factory=list)  # each request's adapter slot, -1 for the base; [] none
+    lora_loads: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter folder) to load first
 
     @classmethod
     def from_step(cls, scheduled: list[ScheduledRequest]) -> "StepInputs":
@@ -93,6 +97,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
         self.faults = FaultInjector(config.faults) if config.faults.inject_fault else None
+        lora = config.lora
+        self.lora = LoraManager(self.model, lora.max_loras, lora.max_lora_rank) if lora.enabled else None
+        self.adapters: dict[str, str] = {}  # rank 0: registered adapter name -> folder
+        self._resident: OrderedDict[str, int] = OrderedDict()  # rank 0: adapter -> slot, least recently used first
+        for name, path in lora.modules.items():
+            self.register_adapter(name, path)
 
     def _join_group(self, config: EngineConfig, on_worker_death: Callable[[str], None] | None) -> EngineConfig:
         """Rank 0 starts the workers (fixing the rendezvous port); every rank then joins the group.
@@ -155,6 +165,8 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs, kv_caches) -> torch.Tensor | None:
         """Every rank runs this on the same inputs; logits ([num_sampling, vocab]) come back on rank 0."""
+        if self.lora is not None:
+            self._set_adapters(inputs)
         meta = AttentionMetadata.build(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size,
                                        inputs.sample, self.device)
         return self.model(
@@ -163,6 +175,58 @@ class ModelRunner:
             kv_caches,
             meta,
         )
+
+    # ---- LoRA adapters ----------------------------------------------------------------------
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters
+
+    def register_adapter(self, name: str, path: str) -> None:
+        """Rank 0 (and every rank for the adapters of the config): check the adapter, then serve it by name.
+        Raises AdapterError (a ValueError) with the reason when it cannot be served."""
+        if self.lora is None:
+            raise AdapterError("LoRA adapters are off: start the server with --enable-lora or --lora-modules")
+        if name in self.adapters:
+            raise AdapterError(f"an adapter named {name!r} is already loaded")
+        self.lora.check(self.lora.adapter(path))
+        self.adapters[name] = path
+
+    def unregister_adapter(self, name: str) -> None:
+        """Requests still running on it fail at their next step; its slot is free for another."""
+        if self.adapters.pop(name, None) is None:
+            raise AdapterError(f"no adapter named {name!r} is loaded")
+        self._resident.pop(name, None)
+
+    def _place_adapters(self, scheduled: list[ScheduledRequest], inputs: StepInputs) -> None:
+        """Rank 0: a slot for every adapter of the step (the scheduler admits at most max_loras of them),
+        loading the ones not resident over the least recently used others."""
+        names = {item.request.lora for item in scheduled} - {None}
+        if not names:
+            return
+        for name in names:
+            if name in self._resident:
+                self._resident.move_to_end(name)
+                continue
+            free = set(range(self.lora.num_slots)) - set(self._resident.values())
+            if free:
+                slot = min(free)
+            else:
+                victim = next(n for n in self._resident if n not in names)
+                slot = self._resident.pop(victim)
+            self._resident[name] = slot
+            inputs.lora_loads.append((slot, self.adapters[name]))
+        inputs.lora_slots = [-1 if item.request.lora is None else self._resident[item.request.lora]
+                             for item in scheduled]
+
+    def _set_adapters(self, inputs: StepInputs) -> None:
+        """Every rank: load what rank 0 placed, and tell the layers each token's slot."""
+        for slot, path in inputs.lora_loads:
+            self.lora.load(slot, self.lora.adapter(path))
+        if not inputs.lora_slots:
+            self.lora.set_step(None)
+            return
+        slots = torch.tensor(inputs.lora_slots).repeat_interleave(torch.tensor(inputs.query_lens))
+        self.lora.set_step(slots.to(self.device, non_blocking=True))
 
     def _broadcast(self, inputs: StepInputs | None) -> StepInputs | None:
         """From rank 0 to every other rank; None tells them to stop."""
@@ -228,7 +292,10 @@ class ModelRunner:
             return RunnerOutput({}, {}, errors)
         if self.faults is not None:
             self.faults.before_forward([item.request.prompt_token_ids for item in scheduled])
-        logits = self.run_model(StepInputs.from_step(scheduled))
+        inputs = StepInputs.from_step(scheduled)
+        if self.lora is not None:
+            self._place_adapters(scheduled, inputs)
+        logits = self.run_model(inputs)
         result = self._sample(logits, [item.request for item in scheduled if item.sample])
         result.errors = errors
         return result
@@ -238,6 +305,8 @@ class ModelRunner:
         request = item.request
         if self.faults is not None:
             self.faults.before_request(request.request_id, request.prompt_token_ids)
+        if request.lora is not None and request.lora not in self.adapters:
+            raise AdapterError(f"the LoRA adapter {request.lora!r} was unloaded")
         if item.sample:
             self._generator(request)
 

@@ -42,6 +42,7 @@ class Request:
     sampling_params: SamplingParams
     priority: int = 0  # "priority" policy: lower values are admitted first and preempted last
     arrival_time: float = field(default_factory=time.monotonic)
+    lora: str | None = None  # the LoRA adapter it runs with; None: the base model
 
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     # Leading tokens of all_token_ids whose KV is in the cache; the next step computes from here.

@@ -8,6 +8,7 @@ cache hit simply moves num_computed_tokens forward before the first count is cho
 import heapq
 import itertools
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -63,7 +64,9 @@ class WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: Iterable[int]):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: Iterable[int],
+                 max_loras: int = 0):
+        """`max_loras`: the most distinct LoRA adapters the running batch may use at once."""
         if config.max_num_batched_tokens < config.max_num_seqs:
             # Otherwise the newest running requests could wait forever for a decode slot.
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
@@ -74,6 +77,8 @@ class Scheduler:
         self._running: dict[str, Request] = {}  # in admission order: the last is the newest
         self._waiting = WaitingQueue(by_priority=config.policy == "priority")
         self._unreported: list[Request] = []  # aborted since the last schedule()
+        self.max_loras = max_loras
+        self._running_loras: Counter[str] = Counter()  # adapter -> running requests using it
 
     @property
     def num_running(self) -> int:
@@ -172,6 +177,9 @@ class Scheduler:
             request = self._waiting.peek()
             if request is None:
                 break
+            if request.lora is not None and request.lora not in self._running_loras \
+                    and len(self._running_loras) >= self.max_loras:
+                break  # every adapter slot is taken by running requests: wait for one to free
             num_cached = self.block_manager.match_prefix(request)
             num_new_tokens = min(request.num_tokens - num_cached, budget)  # long prompts are chunked
             if not self.block_manager.allocate(request, num_new_tokens):  # sets num_computed_tokens
@@ -181,6 +189,8 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self._running[request.request_id] = request
+            if request.lora is not None:
+                self._running_loras[request.lora] += 1
             scheduled[request.request_id] = self._chunk(request, num_new_tokens)
             budget -= num_new_tokens
 
@@ -242,14 +252,20 @@ class Scheduler:
             return max(newest_first, key=lambda r: r.priority)
         return next(newest_first)
 
+    def _leave_running(self, request: Request) -> None:
+        if self._running.pop(request.request_id, None) is not None and request.lora is not None:
+            self._running_loras[request.lora] -= 1
+            if not self._running_loras[request.lora]:
+                del self._running_loras[request.lora]
+
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
-        del self._running[request.request_id]
+        self._leave_running(request)
         request.preempt()
         self._waiting.push(request)
 
     def _finish(self, request: Request, status: RequestStatus, now: float | None = None) -> None:
         self.block_manager.free(request)
-        self._running.pop(request.request_id, None)
+        self._leave_running(request)
         del self._requests[request.request_id]
         request.finish(status, now)

@@ -150,12 +150,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # older checkpoints carry a buffer we compute ourselves
-            suffix = next((s for s in self.FUSED_PARTS if name.endswith(s)), None)
-            if suffix:
-                module_suffix, part = self.FUSED_PARTS[suffix]
-                module_name = name[: -len(suffix)] + module_suffix
-            else:
-                module_name, part = name.removesuffix(".weight"), None
+            module_name, part = self.target(name)
             module = modules.get(module_name)
             if module is None or not hasattr(module, "load_weight") or not name.endswith(".weight"):
                 raise ValueError(f"unexpected tensor in checkpoint: {name}")
@@ -167,6 +162,14 @@ class LlamaForCausalLM(nn.Module):
         missing = self._expected_loads() - loaded
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing, key=str)[:3]}")
+
+    def target(self, name: str) -> tuple[str, str | None]:
+        """The module (and part of a fused one) that a checkpoint tensor loads into."""
+        suffix = next((s for s in self.FUSED_PARTS if name.endswith(s)), None)
+        if suffix is None:
+            return name.removesuffix(".weight"), None
+        module_suffix, part = self.FUSED_PARTS[suffix]
+        return name[: -len(suffix)] + module_suffix, part
 
     def _expected_loads(self) -> set[tuple[str, str | None]]:
         loads = set()

@@ -127,3 +127,118 @@ class MergedCheckpoint:
         elif dim == 1:
             a = a[:, start:stop]
         return (weight.float() + b @ a).to(weight.dtype)  # W + scaling * B @ A, as merge_and_unload computes
+
+
+class LoraContext:
+    """What every LoRA layer reads in one step: which resident adapter each token uses."""
+
+    def __init__(self):
+        self.onehot: torch.Tensor | None = None  # [num_tokens, num_slots] in the model's dtype; None: no adapter
+
+
+class LoraStack:
+    """The resident adapters' A and B for one linear layer, stacked so that one step's LoRA delta is two
+    matmuls over the whole flat batch, whatever mix of adapters and base requests it holds:
+
+        delta = ((x @ A^T) * (one-hot of each token's slot, spread over its columns)) @ B^T
+
+    Columns are (slot, part, rank) in that order: a fused layer (q/k/v, gate/up) has a block per part,
+    its B block-diagonal over the parts' output rows. Scaling is folded into B."""
+
+    def __init__(self, context: LoraContext, num_slots: int, rank: int, part_rows: list[tuple[int, int]],
+                 in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+        self.context = context
+        self.num_slots, self.rank, self.part_rows = num_slots, rank, part_rows  # part -> (offset, rows) of output
+        columns = num_slots * len(part_rows) * rank
+        self.a = torch.zeros(columns, in_features, dtype=dtype, device=device)  # [slots * parts * rank, in]
+        self.b = torch.zeros(out_features, columns, dtype=dtype, device=device)  # [out, slots * parts * rank]
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        onehot = self.context.onehot
+        if onehot is None:
+            return y
+        xa = (x @ self.a.T).view(x.shape[0], self.num_slots, -1) * onehot.unsqueeze(-1)  # [tokens, slots, parts*rank]
+        return y + xa.flatten(1) @ self.b.T
+
+    def clear(self, slot: int) -> None:
+        width = len(self.part_rows) * self.rank
+        self.a[slot * width : (slot + 1) * width].zero_()
+        self.b[:, slot * width : (slot + 1) * width].zero_()
+
+    def set(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a: [r, in] and b: [rows of the part, r] (this rank's slices), r <= rank."""
+        r = a.shape[0]
+        start = (slot * len(self.part_rows) + part) * self.rank
+        offset, rows = self.part_rows[part]
+        self.a[start : start + r].copy_(a)
+        self.b[offset : offset + rows, start : start + r].copy_(b)
+
+
+class LoraManager:
+    """Adapter slots on one rank's model: every linear projection of every decoder layer gets a LoraStack,
+    and `load(slot, adapter)` writes this rank's slices of an adapter into a slot."""
+
+    def __init__(self, model, num_slots: int, max_rank: int):
+        from .parallel import ColumnParallelLinear, RowParallelLinear
+
+        self.model, self.num_slots, self.max_rank = model, num_slots, max_rank
+        self.context = LoraContext()
+        self._cache: dict[str, LoraAdapter] = {}  # path -> adapter read from it
+        modules = dict(model.named_modules())
+        self._stacks = {}
+        for name, module in modules.items():
+            if isinstance(module, ColumnParallelLinear):
+                offsets = [sum(module.part_sizes[:i]) for i in range(len(module.part_sizes))]
+                part_rows = list(zip(offsets, module.part_sizes))
+            elif isinstance(module, RowParallelLinear):
+                part_rows = [(0, module.weight.shape[0])]
+            else:
+                continue
+            weight = module.weight  # packed on CPU, but its dtype and device are the layer's
+            out_features, in_features = module.shape
+            module.lora = LoraStack(self.context, num_slots, max_rank, part_rows, in_features, out_features,
+                                    weight.dtype, weight.device)
+            self._stacks[name] = module
+
+    def adapter(self, path: str) -> LoraAdapter:
+        if path not in self._cache:
+            self._cache[path] = LoraAdapter.load(path)
+        return self._cache[path]
+
+    def check(self, adapter: LoraAdapter) -> None:
+        """Raises AdapterError unless the adapter fits this model and the slots' rank."""
+        if adapter.rank > self.max_rank:
+            raise AdapterError(f"{adapter.path}: rank {adapter.rank} exceeds --max-lora-rank {self.max_rank}")
+        for name, lora in adapter.weights.items():
+            module, part = self.model.target(name)
+            if module not in self._stacks:
+                raise AdapterError(f"{adapter.path}: adapts {name}, which the base model does not have")
+            expected = self._stacks[module].checkpoint_shape(part)
+            if (lora.b.shape[0], lora.a.shape[1]) != tuple(expected):
+                raise AdapterError(f"{adapter.path}: {name} is {tuple(expected)} in the base model but the adapter "
+                                   f"was trained on {(lora.b.shape[0], lora.a.shape[1])}: an adapter for another base")
+
+    def load(self, slot: int, adapter: LoraAdapter) -> None:
+        for module in self._stacks.values():
+            module.lora.clear(slot)
+        for name, lora in adapter.weights.items():
+            module_name, part = self.model.target(name)
+            module = self._stacks[module_name]
+            a, b = lora.a, lora.b
+            if part is None:  # row-parallel: this rank's input columns
+                a = a[:, module.columns[0] : module.columns[1]]
+                index = 0
+            else:  # column-parallel part: this rank's output rows of it
+                start, stop = module.slices[part]
+                b = b[start:stop]
+                index = list(module.slices).index(part)
+            dtype = module.lora.a.dtype
+            module.lora.set(slot, index, a.to(dtype), b.to(dtype))
+
+    def set_step(self, token_slots: torch.Tensor | None) -> None:
+        """token_slots: [num_tokens] long, each token's slot or -1 for the base model; None: no adapter."""
+        if token_slots is None:
+            self.context.onehot = None
+            return
+        onehot = torch.nn.functional.one_hot(token_slots + 1, self.num_slots + 1)[:, 1:]
+        self.context.onehot = onehot.to(next(iter(self._stacks.values())).lora.a.dtype)

@@ -29,7 +29,9 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)  # [out, in]
+        self.shape = (out_features, in_features)  # this rank's, whatever layout packing gives the weight
         self.packed = False
+        self.lora = None  # a llamaserve.model.lora.LoraStack once adapters are served
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -37,7 +39,8 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
+        y = self.matmul(x)
+        return y if self.lora is None else self.lora.add_to(y, x)
 
     def pack_for_cpu(self) -> None:
         packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.PACK_BATCH_SIZE_HINT)
@@ -84,6 +87,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
+        if self.lora is not None:  # a partial delta from this rank's input columns, summed with the rest
+            y = self.lora.add_to(y, x)
         if self.tp.size > 1:
             dist.all_reduce(y)
         return y
