@@ -84,19 +84,22 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--models", help="comma-separated models (e.g. LoRA adapters) the requests take in turn "
+                        "(default: the first the server lists)")
     parser.add_argument("--traceparent", action="store_true", help="send a fresh W3C traceparent with each request")
     parser.add_argument("--otlp-sink", type=int, metavar="PORT",
                         help="receive and count the server's OTLP/HTTP spans on 127.0.0.1:PORT")
     args = parser.parse_args()
     sink = OTLPSink(args.otlp_sink) if args.otlp_sink else None
     async with httpx.AsyncClient(base_url=args.url, timeout=600) as http:
-        model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        await one_request(http, model, 0, 4)  # warm-up
+        models = args.models.split(",") if args.models else [(await http.get("/v1/models")).json()["data"][0]["id"]]
+        for model in models:
+            await one_request(http, model, 0, 4)  # warm-up (and an adapter's first load)
         slots = asyncio.Semaphore(args.concurrency)
 
         async def limited(i):
             async with slots:
-                return await one_request(http, model, i, args.max_tokens, args.traceparent)
+                return await one_request(http, models[i % len(models)], i, args.max_tokens, args.traceparent)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(i) for i in range(args.requests)))

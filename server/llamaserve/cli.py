@@ -37,6 +37,13 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--policy", choices=["fcfs", "priority"], help="admission order (default fcfs)")
     p.add_argument("--merge-lora", help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) "
                    "folded into the weights at load, as merge_and_unload does; the result is served as the model")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="PEFT LoRA adapter folders served beside the base model, each request choosing one by its "
+                   "`model` field")
+    p.add_argument("--enable-lora", action="store_true", default=None,
+                   help="adapter slots even with no --lora-modules, for POST /v1/load_lora_adapter")
+    p.add_argument("--max-loras", type=int, help="adapters resident at once, the most one engine step mixes (default 4)")
+    p.add_argument("--max-lora-rank", type=int, help="the largest adapter rank served (default 16)")
     p.add_argument("--chat-template", help="built-in template name (llama-2) or a .jinja file "
                    "(default: the checkpoint's own)")
     p.add_argument("--max-concurrent-requests", type=int,

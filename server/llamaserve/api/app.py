@@ -18,6 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 from opentelemetry.trace import TracerProvider
 
 from llamaserve.api.body_limit import BodyLimitMiddleware
@@ -32,9 +33,11 @@ from llamaserve.api.protocol import (
     DetokenizeResponse,
     ErrorResponse,
     Health,
+    LoadLoraAdapterRequest,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoraAdapterRequest,
 )
 from llamaserve.api.serving import OpenAIServing
 from llamaserve.api.telemetry import Telemetry, TelemetryMiddleware
@@ -76,6 +79,19 @@ async def completions(request: CompletionRequest, raw: Request,
 @router.get("/v1/models")
 async def models(serving: OpenAIServing = Depends(get_serving)) -> ModelList:
     return serving.models()
+
+
+@router.post("/v1/load_lora_adapter", responses=ERROR_RESPONSES, response_class=PlainTextResponse)
+async def load_lora_adapter(request: LoadLoraAdapterRequest, serving: OpenAIServing = Depends(get_serving)) -> str:
+    """Serve a PEFT LoRA adapter folder under `lora_name` (vLLM's route)."""
+    return await serving.load_adapter(request)
+
+
+@router.post("/v1/unload_lora_adapter", responses=ERROR_RESPONSES, response_class=PlainTextResponse)
+async def unload_lora_adapter(request: UnloadLoraAdapterRequest,
+                              serving: OpenAIServing = Depends(get_serving)) -> str:
+    """Stop serving an adapter; requests still running on it fail."""
+    return await serving.unload_adapter(request)
 
 
 @router.post("/tokenize", responses=ERROR_RESPONSES)

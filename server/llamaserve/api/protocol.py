@@ -142,6 +142,17 @@ class TokenizeRequest(Request):
     add_generation_prompt: bool = True
 
 
+class LoadLoraAdapterRequest(Request):
+    """vLLM's runtime adapter loading."""
+
+    lora_name: Text = Field(min_length=1, max_length=256)
+    lora_path: Text = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(Request):
+    lora_name: Text
+
+
 class DetokenizeRequest(Request):
     model: Text | None = None
     tokens: list[int]
@@ -256,6 +267,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llamaserve"
     max_model_len: int
+    root: str | None = None  # a LoRA adapter's folder
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

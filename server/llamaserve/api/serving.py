@@ -44,6 +44,7 @@ from llamaserve.api.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     INT64_MAX,
+    LoadLoraAdapterRequest,
     ModelCard,
     ModelList,
     PromptTokensDetails,
@@ -51,6 +52,7 @@ from llamaserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
     TopLogprob,
+    UnloadLoraAdapterRequest,
     Usage,
 )
 from llamaserve.api.streaming import event_stream, merge, sse_event
@@ -154,23 +156,24 @@ class OpenAIServing:
         self.telemetry = telemetry
         self.max_model_len = client.ready.max_model_len
         self.created = int(time.time())
+        self.adapters = dict(client.ready.adapters)  # LoRA adapters served by name: name -> folder
 
     # ---- endpoints --------------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest, raw: Request) -> Response:
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         record = self.telemetry.start(raw, "chat", request, response_id)
-        self._check_serving(request.model)
+        lora = self._check_serving(request.model)
         self._check_limits(request, 1)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         prompt_ids = await self._off_loop(self._chat_prompt, request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         choices = self._choices(request, [prompt_ids], logprobs, prompt_param="messages")
-        generation = self._admit(raw, response_id, choices, request.priority, record)
+        generation = self._admit(raw, response_id, choices, request.priority, lora, record)
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse_event(ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
+            return sse_event(ChatCompletionChunk(id=response_id, created=created, model=lora or self.model_name,
                                                  system_fingerprint=SYSTEM_FINGERPRINT, choices=choices, usage=usage))
 
         async def events() -> AsyncIterator[str]:
@@ -191,7 +194,7 @@ class OpenAIServing:
             return generation.stream(events())
         deltas, usage = await generation.collect(raw)
         return json_response(ChatCompletion(
-            id=response_id, created=created, model=self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
+            id=response_id, created=created, model=lora or self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
             choices=[
                 ChatChoice(index=i, message=AssistantMessage(content="".join(d.text for d in ds)),
                            logprobs=self._chat_logprobs(ds) if logprobs is not None else None,
@@ -204,16 +207,16 @@ class OpenAIServing:
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         record = self.telemetry.start(raw, "text_completion", request, response_id)
-        self._check_serving(request.model)
+        lora = self._check_serving(request.model)
         # A string or a list of token ids is one prompt; a list of either is one prompt per entry.
         single = isinstance(request.prompt, str) or bool(request.prompt) and isinstance(request.prompt[0], int)
         self._check_limits(request, 1 if single else len(request.prompt))
         prompts = await self._off_loop(self._completion_prompts, request.prompt)
         choices = self._choices(request, prompts, request.logprobs, "prompt")
-        generation = self._admit(raw, response_id, choices, request.priority, record)
+        generation = self._admit(raw, response_id, choices, request.priority, lora, record)
 
         def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
-            return Completion(id=response_id, created=created, model=self.model_name,
+            return Completion(id=response_id, created=created, model=lora or self.model_name,
                               system_fingerprint=SYSTEM_FINGERPRINT, choices=choices, usage=usage)
 
         def logprobs(deltas: list[ChoiceDelta]) -> CompletionLogprobs | None:
@@ -240,7 +243,30 @@ class OpenAIServing:
         ))
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)])
+        """The base model, then each LoRA adapter with the base as its parent."""
+        base = ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
+        return ModelList(data=[base, *(ModelCard(id=name, created=self.created, max_model_len=self.max_model_len,
+                                                 root=path, parent=self.model_name)
+                                       for name, path in self.adapters.items())])
+
+    async def load_adapter(self, request: LoadLoraAdapterRequest) -> str:
+        if not self.client.ready.lora_enabled:
+            raise bad_request("LoRA adapters are off: start the server with --enable-lora or --lora-modules",
+                              "lora_name")
+        if request.lora_name == self.model_name or request.lora_name in self.adapters:
+            raise bad_request(f"the name {request.lora_name!r} is already served", "lora_name")
+        try:
+            await self.client.load_adapter(request.lora_name, request.lora_path)
+        except ValueError as e:  # the engine's reason: a missing folder, an unsupported or mismatched adapter
+            raise bad_request(str(e), "lora_path") from None
+        self.adapters[request.lora_name] = request.lora_path
+        return f"Success: LoRA adapter '{request.lora_name}' added successfully."
+
+    async def unload_adapter(self, request: UnloadLoraAdapterRequest) -> str:
+        if self.adapters.pop(request.lora_name, None) is None:
+            raise APIError(404, f"no LoRA adapter named {request.lora_name!r} is loaded", "lora_name", "not_found")
+        await self.client.unload_adapter(request.lora_name)
+        return f"Success: LoRA adapter '{request.lora_name}' removed successfully."
 
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self._check_serving(request.model)
@@ -266,23 +292,27 @@ class OpenAIServing:
         the tokenizer releases the GIL while it encodes and more threads would only contend for it."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work, *args)
 
-    def _check_serving(self, model: str | None) -> None:
-        """The engine is alive and `model` (if given) is the served one."""
+    def _check_serving(self, model: str | None) -> str | None:
+        """The engine is alive and `model` (if given) is served; returns its LoRA adapter, None for the base."""
         if not self.client.is_alive:  # before a stream starts, so a dead engine is a 503, not an error event
             raise engine_dead()
         if self.client.is_stalled:
             raise engine_stalled()
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
-                           "model", "model_not_found")
+        if model is None or model == self.model_name:
+            return None
+        if model in self.adapters:
+            return model
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'"
+                       + (f" and the adapters {', '.join(map(repr, self.adapters))}" if self.adapters else ""),
+                       "model", "model_not_found")
 
-    def _admit(self, raw: Request, response_id: str, choices: list[ChoiceRequest], priority: int,
+    def _admit(self, raw: Request, response_id: str, choices: list[ChoiceRequest], priority: int, lora: str | None,
                record: GenerationRecord) -> "Generation":
         """Reserves the choices' concurrency slots (or refuses with 429) and fixes the deadline."""
         deadline = self._deadline(raw)
         release = self.slots.reserve(len(choices))
         record.track([(c.prompt_index, c.prompt_ids) for c in choices])
-        return Generation(self, response_id, choices, priority, deadline, record, release)
+        return Generation(self, response_id, choices, priority, lora, deadline, record, release)
 
     def _deadline(self, raw: Request) -> float | None:
         """When this request must be done (time.monotonic()): the server's --request-timeout, or the
@@ -404,17 +434,18 @@ class OpenAIServing:
 
     # ---- engine outputs -> deltas -----------------------------------------------------------
 
-    async def _run_choice(self, request_id: str, choice: ChoiceRequest, priority: int, deadline: float | None,
-                          record: GenerationRecord) -> AsyncIterator[ChoiceDelta]:
-        params = choice.params
+    async def _run_choice(self, request_id: str, choice: ChoiceRequest,
+                          generation: "Generation") -> AsyncIterator[ChoiceDelta]:
+        params, record = choice.params, generation.record
         detokenizer = IncrementalDetokenizer(self.tokenizer, choice.prompt_ids, params.skip_special_tokens)
         matcher = StopStringMatcher(params.stop)
         decoded_len = 0  # characters decoded so far, held-back ones included (logprob text offsets)
         metrics = record.choices[choice.index]
         ended = None  # how the request ended; None when the consumer stopped early (a client gone): abort
         try:
-            generation = self.client.generate(request_id, choice.prompt_ids, params, priority, deadline)
-            async with aclosing(generation) as outputs:
+            engine_outputs = self.client.generate(request_id, choice.prompt_ids, params, generation.priority,
+                                                  generation.deadline, generation.lora)
+            async with aclosing(engine_outputs) as outputs:
                 async for out in outputs:  # leaving this loop early aborts the engine request
                     metrics.output(out)
                     if out.finish_reason == "error":
@@ -486,14 +517,14 @@ class Generation:
     response_id: str
     choices: list[ChoiceRequest]
     priority: int
+    lora: str | None  # the LoRA adapter; None: the base model
     deadline: float | None  # time.monotonic(); None: none
     record: GenerationRecord
     release: Callable[[], None]
 
     def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's deltas, interleaved as they arrive."""
-        return merge([self.serving._run_choice(f"{self.response_id}-{c.index}", c, self.priority, self.deadline,
-                                               self.record) for c in self.choices])
+        return merge([self.serving._run_choice(f"{self.response_id}-{c.index}", c, self) for c in self.choices])
 
     def stream(self, events: AsyncIterator[str]) -> Response:
         return event_stream(events, on_close=self.release)
