@@ -13,7 +13,7 @@ from llamaserve.config import EngineConfig
 from llamaserve.engine.core import EngineCore
 from llamaserve.engine.messages import AddRequest, LoadAdapter, UnloadAdapter
 from llamaserve.model.loader import load_model
-from llamaserve.model.lora import AdapterError, LoraAdapter
+from llamaserve.model.lora import AdapterError, LoraAdapter, LoraManager
 from llamaserve.sampling_params import SamplingParams
 from tests.conftest import make_tiny_checkpoint
 from tests.integration.test_model_parity import PagedSequences
@@ -190,3 +190,28 @@ def test_an_adapter_for_another_base_is_refused(base, tmp_path):
     adapter = make_adapter(other, tmp_path / "adapter")
     with pytest.raises(AdapterError, match="another base"):
         load_model(base, merge_lora=adapter)
+
+
+def test_slot_logits_equal_peft_for_each_adapter_in_one_mixed_step(base, adapters):
+    """Three sequences in one step, under the base, adapter a (slot 0) and adapter b (slot 1), then
+    decodes in the same mix: each row equals PeftModel's (or the base's) logits."""
+    paths, _, _ = adapters
+    model = load_model(base)
+    lora = LoraManager(model, num_slots=2, max_rank=8)
+    for slot, name in enumerate("ab"):
+        lora.load(slot, lora.adapter(paths[name]))
+    sequences = PagedSequences(model)
+    slots = {0: -1, 1: 0, 2: 1}  # sequence -> slot
+    rows = {seq: [] for seq in slots}
+    for step in [[(seq, TOKENS[:5]) for seq in slots]] + [[(seq, [t]) for seq in slots] for t in TOKENS[5:]]:
+        lora.set_step(torch.tensor([slots[seq] for seq, tokens in step for _ in tokens]), active=2)
+        for seq, row in zip(slots, sequences.step(step)):
+            rows[seq].append(row)
+    for seq, path in ((0, None), (1, paths["a"]), (2, paths["b"])):
+        reference = ReferenceLlama.from_pretrained(base)
+        if path is not None:
+            reference = PeftModel.from_pretrained(reference, path)
+        with torch.no_grad():
+            expected = reference.eval()(torch.tensor([TOKENS])).logits[0, 4:]
+        ours = torch.stack(rows[seq])
+        assert torch.allclose(ours, expected, atol=TOL), (seq, (ours - expected).abs().max())

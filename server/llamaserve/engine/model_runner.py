@@ -222,11 +222,12 @@ class ModelRunner:
         """Every rank: load what rank 0 placed, and tell the layers each token's slot."""
         for slot, path in inputs.lora_loads:
             self.lora.load(slot, self.lora.adapter(path))
-        if not inputs.lora_slots:
+        active = max(inputs.lora_slots, default=-1) + 1
+        if not active:
             self.lora.set_step(None)
             return
         slots = torch.tensor(inputs.lora_slots).repeat_interleave(torch.tensor(inputs.query_lens))
-        self.lora.set_step(slots.to(self.device, non_blocking=True))
+        self.lora.set_step(slots.to(self.device, non_blocking=True), active)
 
     def _broadcast(self, inputs: StepInputs | None) -> StepInputs | None:
         """From rank 0 to every other rank; None tells them to stop."""

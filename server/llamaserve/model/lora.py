@@ -133,7 +133,9 @@ class LoraContext:
     """What every LoRA layer reads in one step: which resident adapter each token uses."""
 
     def __init__(self):
-        self.onehot: torch.Tensor | None = None  # [num_tokens, num_slots] in the model's dtype; None: no adapter
+        # [num_tokens, active slots] in the model's dtype; None: no adapter. Only slots 0 .. active-1 are
+        # computed: slots are handed out lowest first, so a step with one adapter pays for one.
+        self.onehot: torch.Tensor | None = None
 
 
 class LoraStack:
@@ -157,8 +159,10 @@ class LoraStack:
         onehot = self.context.onehot
         if onehot is None:
             return y
-        xa = (x @ self.a.T).view(x.shape[0], self.num_slots, -1) * onehot.unsqueeze(-1)  # [tokens, slots, parts*rank]
-        return y + xa.flatten(1) @ self.b.T
+        columns = onehot.shape[1] * len(self.part_rows) * self.rank  # the active slots' columns lead
+        xa = x @ self.a[:columns].T  # [tokens, active slots * parts * rank]
+        xa.view(x.shape[0], onehot.shape[1], -1).mul_(onehot.unsqueeze(-1))  # keep each token's own slot
+        return y.addmm_(xa, self.b[:, :columns].T)  # in place: at decode sizes these matmuls are overhead-bound
 
     def clear(self, slot: int) -> None:
         width = len(self.part_rows) * self.rank
@@ -235,10 +239,11 @@ class LoraManager:
             dtype = module.lora.a.dtype
             module.lora.set(slot, index, a.to(dtype), b.to(dtype))
 
-    def set_step(self, token_slots: torch.Tensor | None) -> None:
-        """token_slots: [num_tokens] long, each token's slot or -1 for the base model; None: no adapter."""
+    def set_step(self, token_slots: torch.Tensor | None, active: int = 0) -> None:
+        """token_slots: [num_tokens] long, each token's slot or -1 for the base model, all below `active`
+        (known on the host, so no device sync); None: no adapter in the step."""
         if token_slots is None:
             self.context.onehot = None
             return
-        onehot = torch.nn.functional.one_hot(token_slots + 1, self.num_slots + 1)[:, 1:]
+        onehot = torch.nn.functional.one_hot(token_slots + 1, active + 1)[:, 1:]
         self.context.onehot = onehot.to(next(iter(self._stacks.values())).lora.a.dtype)
