@@ -195,7 +195,7 @@ class LoraManager:
                 offsets = [sum(module.part_sizes[:i]) for i in range(len(module.part_sizes))]
                 part_rows = list(zip(offsets, module.part_sizes))
             elif isinstance(module, RowParallelLinear):
-                part_rows = [(0, module.weight.shape[0])]
+                part_rows = [(0, module.shape[0])]
             else:
                 continue
             weight = module.weight  # packed on CPU, but its dtype and device are the layer's
