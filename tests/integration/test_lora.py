@@ -165,6 +165,8 @@ def rewrite_config(adapter, **changes):
     ("modules_to_save", "modules_to_save"),
     ("embedding", "not supported"),
     ("no config", "adapter_config.json"),
+    ("config not json", "not valid JSON"),
+    ("corrupt weights", "not a safetensors file"),
 ])
 def test_adapters_we_cannot_serve_are_refused_by_name(base, tmp_path, case, message):
     adapter = tmp_path / "adapter"
@@ -181,6 +183,10 @@ def test_adapters_we_cannot_serve_are_refused_by_name(base, tmp_path, case, mess
         rewrite_config(adapter, modules_to_save=["lm_head"])
     elif case == "no config":
         (adapter / "adapter_config.json").unlink()
+    elif case == "config not json":
+        (adapter / "adapter_config.json").write_text("{not json")
+    elif case == "corrupt weights":  # a header length far beyond the file: refused, not allocated
+        (adapter / "adapter_model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
     with pytest.raises(AdapterError, match=message):
         LoraAdapter.load(adapter)
 

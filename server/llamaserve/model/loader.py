@@ -116,6 +116,8 @@ class SafetensorsCheckpoint:
         for file in files:
             with open(self.path / file, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
+                if not 0 < header_len <= os.fstat(f.fileno()).st_size - 8:  # no giant read for a corrupt file
+                    raise ValueError(f"{self.path / file}: not a safetensors file (header length {header_len})")
                 header = json.loads(f.read(header_len))
             header.pop("__metadata__", None)
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):

@@ -49,7 +49,10 @@ class LoraAdapter:
             raise AdapterError(f"{path}: no adapter_model.safetensors")
         rank, alpha = config["r"], config.get("lora_alpha", config["r"])
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        tensors = SafetensorsCheckpoint(path)
+        try:
+            tensors = SafetensorsCheckpoint(path)
+        except ValueError as e:  # a corrupt file
+            raise AdapterError(str(e)) from None
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for name in tensors.names():
             match = _TENSOR.fullmatch(name)
@@ -78,7 +81,12 @@ def _read_config(path: Path) -> dict:
     file = path / "adapter_config.json"
     if not file.is_file():
         raise AdapterError(f"{path}: no adapter_config.json (a PEFT adapter folder, as save_pretrained writes it)")
-    config = json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as e:
+        raise AdapterError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{file}: not a JSON object")
     refusals = [
         (config.get("peft_type", "LORA") != "LORA", f"peft_type {config.get('peft_type')!r} (only LORA)"),
         (bool(config.get("use_dora")), "DoRA (use_dora)"),
