@@ -221,3 +221,22 @@ def test_slot_logits_equal_peft_for_each_adapter_in_one_mixed_step(base, adapter
             expected = reference.eval()(torch.tensor([TOKENS])).logits[0, 4:]
         ours = torch.stack(rows[seq])
         assert torch.allclose(ours, expected, atol=TOL), (seq, (ours - expected).abs().max())
+
+
+def test_a_step_that_fails_while_loading_an_adapter_leaves_no_stale_slot(base, adapters, monkeypatch):
+    paths, prompts, expected = adapters
+    core = engine(base, lora_modules=(f"a={paths['a']}",), max_lora_rank=8)
+    try:
+        load = core.runner.lora.load
+
+        def broken(*args):
+            monkeypatch.setattr(core.runner.lora, "load", load)  # once
+            raise RuntimeError("a fault while loading the slot")
+
+        monkeypatch.setattr(core.runner.lora, "load", broken)
+        assert core.add_request(AddRequest("failed", prompts[0], GREEDY, lora="a")) is None
+        outputs = [out for _ in range(3) if core.has_work() for out in core.step()]
+        assert [(o.request_id, o.finish_reason) for o in outputs] == [("failed", "error")]
+        assert generate(core, {"r": (prompts[0], "a")})["r"] == expected[(0, "a")]  # loaded again, not assumed
+    finally:
+        core.shutdown()

@@ -14,10 +14,10 @@ import copy
 import logging
 import multiprocessing as mp
 import os
+import itertools
 import queue
 import time
 from collections.abc import AsyncIterator
-import itertools
 from dataclasses import dataclass, field
 
 from llamaserve.config import EngineConfig
@@ -81,7 +81,7 @@ def _exit_engine(reason: str) -> None:
     os._exit(1)
 
 
-def _next_messages(inbox: queue.SimpleQueue, wait: float | None) -> list:
+def _next_messages(inbox: queue.SimpleQueue, wait: float) -> list:
     """Whatever has arrived, after waiting up to `wait` seconds for the first message (0: don't wait)."""
     messages = []
     try:
@@ -186,11 +186,6 @@ class AsyncEngineClient:
         self._channel = Channel(self._conn, self._deliver, "engine-client")
         if self.stall_timeout is not None:
             loop.call_later(min(WATCH_INTERVAL, self.stall_timeout / 4), self._watch)
-
-    @property
-    def num_requests(self) -> int:
-        """Requests generating now (running or queued in the engine)."""
-        return len(self._streams)
 
     @property
     def is_alive(self) -> bool:

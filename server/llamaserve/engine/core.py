@@ -67,8 +67,7 @@ class EngineCore:
         except (ValueError, OSError) as e:  # AdapterError is a ValueError; a missing folder an OSError
             return CommandResult(command.command_id, str(e))
         except Exception as e:  # whatever else a malformed folder trips over: this command alone fails
-            return CommandResult(command.command_id, f"{command.path if isinstance(command, LoadAdapter) else ''}: "
-                                 f"{describe(e)}")
+            return CommandResult(command.command_id, describe(e))
         return CommandResult(command.command_id)
 
     def abort(self, request_ids: list[str]) -> None:

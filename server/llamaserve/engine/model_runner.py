@@ -193,9 +193,12 @@ class ModelRunner:
 
     def unregister_adapter(self, name: str) -> None:
         """Requests still running on it fail at their next step; its slot is free for another."""
-        if self.adapters.pop(name, None) is None:
+        path = self.adapters.pop(name, None)
+        if path is None:
             raise AdapterError(f"no adapter named {name!r} is loaded")
         self._resident.pop(name, None)
+        if path not in self.adapters.values():
+            self.lora.forget(path)
 
     def _place_adapters(self, scheduled: list[ScheduledRequest], inputs: StepInputs) -> None:
         """Rank 0: a slot for every adapter of the step (the scheduler admits at most max_loras of them),
@@ -275,7 +278,9 @@ class ModelRunner:
             self._broadcast(StepInputs([], [], [], [], [], []))
 
     def recover(self) -> None:
-        """After a failed step: give back the memory its activations held."""
+        """After a failed step: give back the memory its activations held, and trust no adapter slot
+        that the step may have been loading (each is loaded again when next used)."""
+        self._resident.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

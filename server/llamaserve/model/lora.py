@@ -217,6 +217,10 @@ class LoraManager:
             self._cache[path] = LoraAdapter.load(path)
         return self._cache[path]
 
+    def forget(self, path: str) -> None:
+        """Drop an unloaded adapter's weights from the host (tensor-parallel workers keep theirs)."""
+        self._cache.pop(path, None)
+
     def check(self, adapter: LoraAdapter) -> None:
         """Raises AdapterError unless the adapter fits this model and the slots' rank."""
         if adapter.rank > self.max_rank:
