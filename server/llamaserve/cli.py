@@ -71,6 +71,25 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--engine-stall-timeout", type=float,
                    help="seconds the engine may hold work without finishing a step before /health says 503 and its "
                    "requests fail (default 120)")
+    p.add_argument("--drain-grace", type=float,
+                   help="after SIGTERM (or Ctrl+C), seconds /ready says 503 while new requests are still served, so a "
+                   "load balancer moves traffic away first (default 5)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="then, seconds in-flight requests (streams included) have to finish while new ones get 503; "
+                   "what is left ends with an error (default 30). A second signal ends the drain at once")
+    p.add_argument("--sse-ping-interval", type=float,
+                   help="seconds between keep-alive comment lines on an open stream, so proxies never see it idle "
+                   "(default 15; 0: none)")
+    p.add_argument("--sse-send-timeout", type=float,
+                   help="seconds a write to a stream may wait on a client that stopped reading before the stream is "
+                   "aborted and its slot freed (default 30)")
+    p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on the API (repeatable; also $LLAMASERVE_API_KEY)")
+    p.add_argument("--api-key-file", help="a file of accepted API keys, one a line")
+    p.add_argument("--protect-metrics", action="store_true", default=None,
+                   help="/metrics requires an API key too (/health and /ready stay open)")
+    p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="browser origins allowed by CORS, or '*' (default: CORS off)")
     p.add_argument("--inject-fault", help=argparse.SUPPRESS)  # tests only: see llamaserve.config.FaultConfig
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--log-format", choices=["text", "json"],
@@ -86,6 +105,8 @@ def serve(args: argparse.Namespace) -> int:
     from llamaserve.config import load_config
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if os.environ.get("LLAMASERVE_API_KEY"):
+        options["api_keys"] = [*(options["api_keys"] or ()), os.environ["LLAMASERVE_API_KEY"]]
     try:
         engine_config, server_config = load_config(args.config, **options)
     except (ValueError, TypeError, OSError) as e:

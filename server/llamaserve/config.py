@@ -157,8 +157,31 @@ class ServerConfig:
     # Seconds the engine may hold work without finishing a step before /health turns 503 and its
     # requests fail: a wedged engine, not a slow one.
     engine_stall_timeout: float = 120.0
+    # Graceful drain on SIGTERM or SIGINT: /ready says 503 at once while requests are still served for
+    # drain_grace seconds (a balancer moves traffic away), then new requests get 503 and in-flight ones
+    # have drain_timeout seconds to finish before they are cut with an error.
+    drain_grace: float = 5.0
+    drain_timeout: float = 30.0
+    sse_ping_interval: float = 15.0  # seconds between keep-alive comments on an open stream; 0: none
+    sse_send_timeout: float = 30.0  # seconds one write to a stream may wait on a client that stopped reading
+    api_keys: tuple[str, ...] = ()  # bearer keys accepted on the API; none: no authentication
+    api_key_file: str | None = None  # a file of more keys, one a line (blank lines and # comments skipped)
+    protect_metrics: bool = False  # /metrics needs a key too (/health and /ready never do)
+    allowed_origins: tuple[str, ...] = ()  # CORS origins ("*": any); none: CORS off
 
     def __post_init__(self):
+        keys = (self.api_keys,) if isinstance(self.api_keys, str) else tuple(self.api_keys)
+        if self.api_key_file is not None:
+            lines = Path(self.api_key_file).read_text().splitlines()
+            from_file = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+            if not from_file:
+                raise ValueError(f"api_key_file {self.api_key_file} holds no key")
+            keys += from_file
+        if any(not key or any(c.isspace() for c in key) for key in keys):
+            raise ValueError("an API key must be a non-empty string without whitespace")
+        object.__setattr__(self, "api_keys", keys)
+        origins = self.allowed_origins
+        object.__setattr__(self, "allowed_origins", (origins,) if isinstance(origins, str) else tuple(origins))
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -171,6 +194,11 @@ class ServerConfig:
             raise ValueError("request_timeout must be a positive number of seconds")
         if not 0 < self.engine_stall_timeout < float("inf"):
             raise ValueError("engine_stall_timeout must be a positive number of seconds")
+        for seconds in ("drain_grace", "drain_timeout", "sse_ping_interval"):
+            if not 0 <= getattr(self, seconds) < float("inf"):
+                raise ValueError(f"{seconds} must be a number of seconds >= 0")
+        if not 0 < self.sse_send_timeout < float("inf"):
+            raise ValueError("sse_send_timeout must be a positive number of seconds")
         if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"otlp_traces_endpoint must be an http:// or https:// URL, not {self.otlp_traces_endpoint!r}")
         for limit in ("max_request_body_bytes", "max_prompts_per_request", "max_n", "max_stop_strings",

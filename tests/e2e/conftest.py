@@ -19,7 +19,7 @@ STARTUP_TIMEOUT = 180  # seconds; the machine may be busy
 def server_command(port: int, *flags: str) -> list[str]:
     """`llamaserve serve` with small settings."""
     return [sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(port), "--kv-cache-gib", "0.25",
-            "--max-num-seqs", "16", "--max-model-len", "2048", *flags]
+            "--max-num-seqs", "16", "--max-model-len", "2048", "--drain-grace", "0", *flags]
 
 
 def free_port() -> int:
