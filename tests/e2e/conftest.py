@@ -31,8 +31,8 @@ def free_port() -> int:
 class Server:
     """A server subprocess; its output goes to a log file, shown when it fails to start."""
 
-    def __init__(self, log_dir: Path, *flags: str):
-        self.port = free_port()
+    def __init__(self, log_dir: Path, *flags: str, port: int | None = None):
+        self.port = port or free_port()  # a given port: a replica restarted where its balancer expects it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         with open(self.log_path, "w") as log:
