@@ -1,10 +1,11 @@
-# llamaserve: `make serve` starts the server on the embedded default model; `make test` runs the suite.
+# llamaserve: `make serve` starts the server on the embedded default model; `make test` runs the suite,
+# `make test-slow` the soak (a long mixed load).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench lint clean
+.PHONY: install serve test test-slow bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,10 @@ serve: $(STAMP)
 	$(VENV)/bin/llamaserve serve $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not soak" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m soak tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server tests bench
