@@ -214,9 +214,10 @@ def test_a_replica_killed_mid_run_costs_only_the_streams_it_was_sending(tmp_path
     assert victim.server.process.returncode == -signal.SIGKILL
 
 
-@pytest.mark.xfail(strict=False, reason="needs the graceful drain (issue 11)")
 def test_a_rolling_restart_under_load_fails_no_request(tmp_path, tiny_model):
-    """SIGTERM one replica, start it again, wait until nginx sends it traffic; then the other."""
+    """SIGTERM one replica, start it again, wait until nginx sends it traffic; then the other. A stopping
+    replica lets its requests finish, streams included; nginx sends the new ones elsewhere, whether the
+    replica refuses their connections or answers them 503."""
     with cluster(tmp_path, tiny_model) as (nginx, replicas):
         began = time.monotonic()
         load = Load(nginx.url, CONCURRENCY, request=short_request).start()
