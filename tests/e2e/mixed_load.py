@@ -57,7 +57,7 @@ def mixed_request(i: int, min_tokens: int = 1, max_tokens: int = 32, max_words: 
             "temperature": rng.choice([0.0, 0.7, 1.0])}
     if body["stream"] and rng.random() < 0.3:
         body["stream_options"] = {"include_usage": True}
-    # Some prompts share a long prefix (prefix-cache hits), some are distinct.
+    # Chat prompts begin with the template's system prompt: prefix-cache hits.
     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words)))
     text = f"Tell me about {words}." if rng.random() < 0.5 else f"{i}: {words}"
     if rng.random() < 0.5:
