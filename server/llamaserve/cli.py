@@ -4,7 +4,6 @@
 import argparse
 import logging
 import os
-import signal
 import sys
 from dataclasses import replace
 
@@ -118,6 +117,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llamaserve.api.app import create_app
+    from llamaserve.api.drain import CUT_WAIT, DrainingServer
     from llamaserve.api.request_log import logging_config
 
     url = f"http://{server_config.host}:{server_config.port}"
@@ -135,11 +135,11 @@ def serve(args: argparse.Namespace) -> int:
         )
 
     app = create_app(engine_config, server_config, on_ready=on_ready)
-    # The app answers an engine death with SIGTERM and exit_code 1 (see llamaserve.api.app); uvicorn
-    # drains, restores this handler and re-raises, so the process exits with that code.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(app.state.exit_code))
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-                log_config=logging_config(server_config.log_format, server_config.log_level))
+    # SIGTERM and SIGINT drain the server (llamaserve.api.drain); it exits 0, or 1 if the engine died.
+    config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+                            log_config=logging_config(server_config.log_format, server_config.log_level),
+                            timeout_graceful_shutdown=CUT_WAIT)
+    DrainingServer(config, app.state.drain).run()
     return app.state.exit_code
 
 
