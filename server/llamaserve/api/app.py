@@ -207,5 +207,6 @@ def _count_rejection(app: FastAPI, error: APIError) -> None:
 def _on_engine_exit(app: FastAPI, loop: asyncio.AbstractEventLoop, client: AsyncEngineClient) -> None:
     loop.remove_reader(client.process.sentinel)
     log.error("the engine process died (exit code %s); shutting the server down", client.process.exitcode)
+    client.engine_exited()  # its requests fail as engine_dead now, before the drain could cut them otherwise
     app.state.exit_code = 1
     app.state.drain.end_now()

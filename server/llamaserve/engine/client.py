@@ -229,7 +229,7 @@ class AsyncEngineClient:
 
     def _on_message(self, message: StepOutputs | CommandResult | None) -> None:
         if message is None:  # the pipe closed: the engine process is gone
-            self._engine_died()
+            self.engine_exited()
             return
         if isinstance(message, CommandResult):
             future = self._commands.pop(message.command_id, None)
@@ -265,7 +265,9 @@ class AsyncEngineClient:
         for stream in self._streams.values():
             stream.put_nowait(error)
 
-    def _engine_died(self) -> None:
+    def engine_exited(self) -> None:
+        """The engine process is gone (its pipe closed, or its sentinel says so): every waiting request and
+        command fails with EngineDeadError. Idempotent."""
         if self._dead is not None or self._closed:  # closed: it exited because it was told to
             return
         self.process.join(timeout=1)
