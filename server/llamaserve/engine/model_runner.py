@@ -250,7 +250,10 @@ class ModelRunner:
         if self.workers is None:
             return
         if self.worker_failure is None:
-            self._broadcast(None)
+            try:
+                self._broadcast(None)
+            except RuntimeError as e:  # a remote rank already gone: nobody left to tell
+                log.warning("could not tell every rank to stop: %s", describe(e))
         self.workers.join()
         self.workers = None
         dist.destroy_process_group()
@@ -266,11 +269,11 @@ class ModelRunner:
             return self._forward(inputs, self.kv_caches)
         if self.worker_failure is not None:
             raise FatalEngineError(self.worker_failure)
-        self._broadcast(inputs)
         try:
+            self._broadcast(inputs)
             return self._forward(inputs, self.kv_caches)
-        except Exception as e:  # the other ranks may wait in a collective this rank never reaches
-            raise FatalEngineError(f"the forward pass failed on rank 0 of {self.tp.size}: {describe(e)}") from e
+        except Exception as e:  # a rank gone (a failed collective), or others wait in one this rank never reaches
+            raise FatalEngineError(f"the step failed on rank 0 of {self.tp.size}: {describe(e)}") from e
 
     def keepalive(self) -> None:
         """Rank 0, while idle: an empty step, so that the workers' wait for the next one never times out."""
