@@ -154,8 +154,9 @@ def start_two_hosts(hosts, tmp_path: Path, model: Path, run: str) -> tuple[Node,
     return node_0, node_1
 
 
-def test_two_hosts_answer_like_one_rank_and_each_end_ends_the_other(hosts, tmp_path, tiny_model):
+def test_two_hosts_answer_like_one_rank_and_each_end_ends_the_other(hosts, tmp_path, request):
     a, _ = hosts
+    tiny_model = request.getfixturevalue("tiny_model")  # after `hosts`, which may skip: not built for nothing
     single = Node(a, tmp_path / "tp1.log", "--model", str(tiny_model), "--dtype", "float32")
     try:
         expected = run_client(a, [single], "complete", PROMPTS)
@@ -174,8 +175,8 @@ def test_two_hosts_answer_like_one_rank_and_each_end_ends_the_other(hosts, tmp_p
         node_0.process.send_signal(signal.SIGTERM)
         code_0, took_0 = node_0.wait(TIMEOUT)
         code_1, took_1 = node_1.wait(TIMEOUT)
-        print(f"SIGTERM to node 0: it exited {code_0} after {took_0:.1f} s, the headless node {code_1} "
-              f"{took_1:.1f} s later")
+        print(f"SIGTERM to node 0: it exited {code_0} after {took_0:.1f} s, the headless node exited {code_1} "
+              f"{took_1:.1f} s after that")
         assert (code_0, code_1) == (0, 0), node_0.log() + node_1.log()
         assert "rank 0 stopped the group" in node_1.log()
     finally:
