@@ -4,7 +4,6 @@
 import argparse
 import logging
 import os
-import signal
 import sys
 from dataclasses import replace
 
@@ -62,7 +61,18 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),
                    help="rendezvous address of rank 0 (default: $MASTER_ADDR, else 127.0.0.1)")
     p.add_argument("--master-port", type=int, default=os.environ.get("MASTER_PORT"),
-                   help="rendezvous port (default: $MASTER_PORT, else a free port)")
+                   help="rendezvous port (default: $MASTER_PORT, else a free port; needed with --nnodes > 1)")
+    p.add_argument("--nnodes", type=int,
+                   help="hosts the tensor-parallel ranks are spread over, tp/nnodes consecutive ranks on each; every "
+                   "host runs this same command with its own --node-rank (default 1)")
+    p.add_argument("--node-rank", type=int,
+                   help="this host's index among the nodes: 0 serves the API and holds rank 0; 1..nnodes-1 are "
+                   "headless and only run their ranks, from their own copy of --model (default 0)")
+    p.add_argument("--headless", action="store_true",
+                   help="run no API and no engine, only this node's ranks (vLLM's flag; --node-rank >= 1 implies it)")
+    p.add_argument("--gloo-socket-ifname", default=os.environ.get("GLOO_SOCKET_IFNAME"),
+                   help="network interface the ranks' gloo connections use (default: $GLOO_SOCKET_IFNAME, else the "
+                   "one holding this host's address toward --master-addr)")
     p.add_argument("--distributed-timeout", type=float,
                    help="seconds a tensor-parallel collective may wait before the engine gives up on a rank (default 600)")
     p.add_argument("--request-timeout", type=float,
@@ -104,7 +114,7 @@ def add_serve_parser(subcommands) -> None:
 def serve(args: argparse.Namespace) -> int:
     from llamaserve.config import load_config
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "headless")}
     if os.environ.get("LLAMASERVE_API_KEY"):
         options["api_keys"] = [*(options["api_keys"] or ()), os.environ["LLAMASERVE_API_KEY"]]
     try:
@@ -112,12 +122,20 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"llamaserve: {e}", file=sys.stderr)
         return 2
+    if engine_config.parallel.node_rank > 0:
+        from llamaserve.engine.workers import run_node
+
+        return run_node(engine_config, server_config.log_format)
+    if args.headless:
+        print("llamaserve: --headless needs --node-rank >= 1: node 0 serves the API and holds rank 0", file=sys.stderr)
+        return 2
     # People get a loading progress bar and a banner; log shippers (json) get only log lines.
     for_people = server_config.log_format == "text"
     engine_config = replace(engine_config, model=replace(engine_config.model, show_progress=for_people))
     import uvicorn
 
     from llamaserve.api.app import create_app
+    from llamaserve.api.drain import CUT_WAIT, DrainingServer
     from llamaserve.api.request_log import logging_config
 
     url = f"http://{server_config.host}:{server_config.port}"
@@ -135,11 +153,11 @@ def serve(args: argparse.Namespace) -> int:
         )
 
     app = create_app(engine_config, server_config, on_ready=on_ready)
-    # The app answers an engine death with SIGTERM and exit_code 1 (see llamaserve.api.app); uvicorn
-    # drains, restores this handler and re-raises, so the process exits with that code.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(app.state.exit_code))
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-                log_config=logging_config(server_config.log_format, server_config.log_level))
+    # SIGTERM and SIGINT drain the server (llamaserve.api.drain); it exits 0, or 1 if the engine died.
+    config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+                            log_config=logging_config(server_config.log_format, server_config.log_level),
+                            timeout_graceful_shutdown=CUT_WAIT)
+    DrainingServer(config, app.state.drain).run()
     return app.state.exit_code
 
 

@@ -69,6 +69,9 @@ class ParallelConfig:
     master_port: int | None = None  # rendezvous port (MASTER_PORT); None: a free port on this host
     # A collective that waits longer than this fails, and the engine with it (a wedged or vanished rank).
     distributed_timeout: float = 600.0
+    nnodes: int = 1  # hosts the ranks are spread over, tensor_parallel_size / nnodes consecutive ranks on each
+    node_rank: int = 0  # this host: node 0 serves the API and holds rank 0; the others only run their ranks
+    gloo_socket_ifname: str | None = None  # interface gloo binds to; None: the one with our address toward master_addr
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
@@ -77,6 +80,25 @@ class ParallelConfig:
             raise ValueError("distributed_timeout must be a positive number of seconds")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError("master_port must be in 1..65535")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"nnodes must be >= 1 and divide tensor_parallel_size ({self.tensor_parallel_size})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in 0..{self.nnodes - 1} (nnodes - 1)")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("master_port must be set when nnodes > 1: every node dials it")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    @property
+    def node_ranks(self) -> range:
+        """The global ranks this node runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    def local_rank(self, rank: int) -> int:
+        """A rank's index on its own node (its GPU there)."""
+        return rank % self.ranks_per_node
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,15 @@ import psutil
 
 
 def read_events(response: httpx.Response) -> list:
-    """The events' payloads, JSON-decoded, with "[DONE]" kept as the string; asserts the framing."""
+    """The events' payloads, JSON-decoded, with "[DONE]" kept as the string; asserts the framing.
+    Keep-alive comments (`: ping`) are skipped."""
     assert response.headers["content-type"].startswith("text/event-stream")
     body = response.read().decode()
     assert body.endswith("\n\n") and "\r" not in body, repr(body[-200:])
     events = []
     for event in body[:-2].split("\n\n"):
+        if event == ": ping":
+            continue
         assert event.startswith("data: ") and "\n" not in event, repr(event)
         payload = event.removeprefix("data: ")
         events.append(payload if payload == "[DONE]" else json.loads(payload))

@@ -1,5 +1,6 @@
 """A real server process on 127.0.0.1 with the default model, shared by the whole e2e session."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -31,12 +32,17 @@ def free_port() -> int:
 class Server:
     """A server subprocess; its output goes to a log file, shown when it fails to start."""
 
-    def __init__(self, log_dir: Path, *flags: str, port: int | None = None):
-        self.port = port or free_port()  # a given port: a replica restarted where its balancer expects it
+    def __init__(self, log_dir: Path, *flags: str, env: dict[str, str] | None = None, new_session: bool = False,
+                 port: int | None = None):
+        """`env`: more environment variables; `new_session`: the server leads a process group of its own
+        (with its engine), as under a terminal or a systemd unit, so a test can signal the group;
+        `port`: a given one, for a replica restarted where its balancer expects it."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(server_command(self.port, *flags), stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(server_command(self.port, *flags), stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(env or {})}, start_new_session=new_session)
         self._wait_ready()
 
     def _wait_ready(self) -> None:

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from llamaserve.cli import main
-from llamaserve.config import CacheConfig, EngineConfig, SchedulerConfig, load_config
+from llamaserve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, load_config
+from llamaserve.engine.workers import interface_toward
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -56,6 +57,11 @@ def test_tp_is_short_for_tensor_parallel_size(tmp_path):
         ({"max_request_body_bytes": 0}, "max_request_body_bytes"),
         ({"max_n": 0}, "max_n"),
         ({"max_stop_string_length": -1}, "max_stop_string_length"),
+        ({"tensor_parallel_size": 3, "nnodes": 2, "master_port": 29500}, "nnodes must be >= 1 and divide"),
+        ({"nnodes": 0}, "nnodes"),
+        ({"tensor_parallel_size": 2, "nnodes": 2, "node_rank": 2, "master_port": 29500}, r"node_rank must be in 0\.\.1"),
+        ({"node_rank": -1}, "node_rank"),
+        ({"tensor_parallel_size": 2, "nnodes": 2}, "master_port must be set when nnodes > 1"),
     ],
 )
 def test_bad_values_are_refused(options, message):
@@ -72,3 +78,23 @@ def test_unknown_option_is_refused():
 def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
     assert main(["serve", "--max-num-seqs", "0"]) == 2
     assert "max_num_seqs must be >= 1" in capsys.readouterr().err
+
+
+def test_nodes_hold_consecutive_ranks_and_number_their_gpus_from_zero(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text("tp: 8\nnnodes: 2\nmaster_addr: 10.0.0.1\nmaster_port: 29500\n")
+    parallel = load_config(path, node_rank=1)[0].parallel
+    assert (parallel.ranks_per_node, parallel.node_ranks) == (4, range(4, 8))
+    assert [parallel.local_rank(r) for r in parallel.node_ranks] == [0, 1, 2, 3]
+    assert ParallelConfig(tensor_parallel_size=3).node_ranks == range(3)  # one node: every rank
+
+
+def test_headless_is_refused_on_node_zero(capsys):
+    assert main(["serve", "--headless"]) == 2
+    assert "--headless needs --node-rank >= 1" in capsys.readouterr().err
+    assert main(["serve", "--tp", "2", "--nnodes", "2", "--node-rank", "1"]) == 2  # no --master-port
+    assert "master_port must be set" in capsys.readouterr().err
+
+
+def test_gloo_binds_to_the_interface_toward_the_master():
+    assert interface_toward("127.0.0.1", 29500) == "lo"

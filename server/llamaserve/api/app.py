@@ -1,27 +1,28 @@
-"""The FastAPI app: lifespan (engine process, tokenizer), thin routes, health and readiness.
+"""The FastAPI app: lifespan (engine process, tokenizer), thin routes, health and readiness, and the
+middleware every request passes: telemetry, CORS (when origins are allowed), the drain, API keys, the
+body limit.
 
-If the engine process dies while serving, /health and /ready turn 503, in-flight requests end with
-an error, and the app asks uvicorn to shut down by sending SIGTERM to its own process, with
-`app.state.exit_code` set to 1. uvicorn drains, stops, then re-raises the SIGTERM it caught: under a
-plain `uvicorn.run` the process ends by that signal (status 143 in a shell). A CLI that wants exit
-status 1 installs `signal.signal(signal.SIGTERM, lambda *_: sys.exit(app.state.exit_code))` before
-`uvicorn.run`: uvicorn restores that handler before re-raising, and an ordinary `kill` still exits 0.
+Shutting down is the drain's (llamaserve.api.drain): a signal starts it, `DrainingServer` stops uvicorn
+when it is over. If the engine process dies while serving, /health and /ready turn 503, in-flight
+requests end with an error, and the drain ends at once with `app.state.exit_code` set to 1, which the
+CLI exits with.
 """
 
 import asyncio
 import logging
-import os
-import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
 from opentelemetry.trace import TracerProvider
 
+from llamaserve.api.auth import APIKeys, AuthMiddleware
 from llamaserve.api.body_limit import BodyLimitMiddleware
+from llamaserve.api.drain import Drain, DrainMiddleware
 from llamaserve.api.errors import APIError, engine_dead, engine_stalled, install_error_handlers
 from llamaserve.api.metrics import CONTENT_TYPE, Metrics, rejection_reason
 from llamaserve.api.protocol import (
@@ -119,7 +120,7 @@ async def health(serving: OpenAIServing = Depends(get_serving)) -> Health:
 async def ready(raw: Request) -> dict[str, str]:
     """Readiness: the model is loaded, the engine alive, and the server not shutting down."""
     state = raw.app.state
-    if state.serving is None or state.draining or not state.serving.client.is_alive:
+    if not state.drain.ready or not state.serving.client.is_alive:
         raise APIError(503, "the server is not ready", code="not_ready")
     return {"status": "ready"}
 
@@ -158,11 +159,14 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry, server_config)
             # The process sentinel becomes readable when the engine process ends, for whatever reason.
             loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
+            drain.on_cut = lambda: client.interrupt(APIError(
+                503, "the server shut down before the request finished (--drain-timeout)", code="server_shutting_down"))
+            drain.ready = True
             if on_ready is not None:
                 on_ready(name)
             yield
         finally:
-            app.state.draining = True
+            drain.ready = False
             loop.remove_reader(client.process.sentinel)
             client.shutdown()
             if owns_provider:
@@ -172,26 +176,37 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                   description="OpenAI-compatible inference server for Llama-family models")
     app.state.serving = None
     app.state.telemetry = None
-    app.state.draining = False
+    app.state.drain = drain = Drain(server_config.drain_grace, server_config.drain_timeout)
     app.state.exit_code = 0  # 1 once the engine died: see the module docstring
-    install_error_handlers(app, on_rejected=_count_rejection)
+    install_error_handlers(app, on_rejected=lambda raw, error: _count_rejection(raw.app, error))
     app.include_router(router)
+
+    def refused(scope, error: APIError) -> None:  # by a middleware, before any route
+        _count_rejection(scope["app"], error)
+
+    # Added innermost first. The drain counts whole responses, streams included; keys are checked before
+    # a body is read; CORS answers preflights, which carry no key.
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_body_bytes)
-    app.add_middleware(TelemetryMiddleware)  # outermost: it sees the body limit's 413s too
+    if server_config.api_keys:
+        app.add_middleware(AuthMiddleware, keys=APIKeys(server_config.api_keys),
+                           protect_metrics=server_config.protect_metrics, on_refused=refused)
+    app.add_middleware(DrainMiddleware, drain=drain, on_refused=refused)
+    if server_config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "traceparent"])
+    app.add_middleware(TelemetryMiddleware)  # outermost: it sees every refusal too
     return app
 
 
-def _count_rejection(raw: Request, error: APIError) -> None:
-    telemetry, reason = raw.app.state.telemetry, rejection_reason(error)
+def _count_rejection(app: FastAPI, error: APIError) -> None:
+    telemetry, reason = app.state.telemetry, rejection_reason(error)
     if telemetry is not None and reason is not None:
         telemetry.metrics.rejected[reason].inc()
 
 
 def _on_engine_exit(app: FastAPI, loop: asyncio.AbstractEventLoop, client: AsyncEngineClient) -> None:
     loop.remove_reader(client.process.sentinel)
-    if app.state.draining:
-        return
     log.error("the engine process died (exit code %s); shutting the server down", client.process.exitcode)
-    app.state.draining = True
+    client.engine_exited()  # its requests fail as engine_dead now, before the drain could cut them otherwise
     app.state.exit_code = 1
-    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown: in-flight requests end first
+    app.state.drain.end_now()

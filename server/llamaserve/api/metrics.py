@@ -40,7 +40,7 @@ HTTP_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
                      600.0)
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
-REJECTION_REASONS = ("validation", "overloaded", "too_long", "unauthorized")
+REJECTION_REASONS = ("validation", "overloaded", "too_long", "unauthorized", "draining")
 # The `method` label takes these; any other token a client sends is "other", so clients cannot mint series.
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 
@@ -170,7 +170,9 @@ def rejection_reason(error: APIError) -> str | None:
     errors that are not a refusal (a client gone, a server fault)."""
     if error.status in (401, 403):
         return "unauthorized"
-    if error.status in (429, 503):  # the server cannot take requests now (at its limit, engine down, draining)
+    if error.code == "server_shutting_down":
+        return "draining"
+    if error.status in (429, 503):  # the server cannot take requests now (at its limit, engine down)
         return "overloaded"
     if error.code == "context_length_exceeded":
         return "too_long"

@@ -147,7 +147,7 @@ class OpenAIServing:
     def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, model_name: str, telemetry: Telemetry,
                  config: ServerConfig):
         self.client = client
-        self.limits = config  # its max_* fields: what one request may ask for
+        self.config = config
         self.slots = Slots(config.max_concurrent_requests)
         self.request_timeout = config.request_timeout  # seconds; None: only the client's header sets a deadline
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="llamaserve-tokenizer")
@@ -346,9 +346,9 @@ class OpenAIServing:
 
     def _check_count(self, count: int, limit: str, what: str, param: str) -> None:
         """`count` of `what` in `param` is within the limit ServerConfig.`limit` (the flag of that name)."""
-        if count > getattr(self.limits, limit):
+        if count > getattr(self.config, limit):
             raise bad_request(f"'{param}': {count} {what} exceed this server's limit of "
-                              f"{getattr(self.limits, limit)} (--{limit.replace('_', '-')})", param)
+                              f"{getattr(self.config, limit)} (--{limit.replace('_', '-')})", param)
 
     def _chat_prompt(self, messages, add_generation_prompt: bool = True) -> list[int]:
         try:
@@ -527,7 +527,8 @@ class Generation:
         return merge([self.serving._run_choice(f"{self.response_id}-{c.index}", c, self) for c in self.choices])
 
     def stream(self, events: AsyncIterator[str]) -> Response:
-        return event_stream(events, on_close=self.release)
+        config = self.serving.config
+        return event_stream(events, config.sse_ping_interval, config.sse_send_timeout, on_close=self.release)
 
     async def collect(self, raw: Request) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
         """All deltas per choice, for a response sent whole; cancelled if the client goes away first."""

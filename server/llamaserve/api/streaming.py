@@ -1,21 +1,35 @@
-"""Stream plumbing: SSE framing, errors inside a started stream, interleaving several streams."""
+"""Stream plumbing: SSE on sse-starlette, errors inside a started stream, interleaving several streams.
+
+A stream's headers go out as soon as it opens; from then on a keep-alive comment (`: ping`) every
+`ping_interval` seconds keeps proxies from cutting a stream that waits in the queue or in a long
+prefill. A client that stops reading makes a write wait; past `send_timeout` the stream is aborted,
+which aborts its engine requests and frees their slots and KV blocks.
+"""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 
 from pydantic import BaseModel
-from starlette.responses import StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus, SendTimeoutError
 
 from llamaserve.api.errors import as_api_error
 from llamaserve.api.protocol import ErrorResponse
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
-SSE_DONE = "data: [DONE]\n\n"
+log = logging.getLogger(__name__)
+
+SSE_DONE = "[DONE]"
+SEPARATOR = "\n"  # what OpenAI sends; sse-starlette's default is \r\n
+# sse-starlette ends every open stream (without a word) once uvicorn sees a signal; the drain
+# (llamaserve.api.drain) decides instead when streams end, and ends them with an error event.
+AppStatus.disable_automatic_graceful_drain()
 
 
 def sse_event(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
+    """The data of one event: sse-starlette frames it as `data: ...`."""
+    return payload.model_dump_json()
 
 
 async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -30,34 +44,32 @@ async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield SSE_DONE
 
 
-class EventStreamResponse(StreamingResponse):
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[str], headers: dict[str, str],
+class EventStreamResponse(EventSourceResponse):
+    def __init__(self, content: AsyncIterator[str], ping_interval: float, send_timeout: float,
                  on_close: Callable[[], None] | None = None):
-        super().__init__(content, headers=headers)
+        super().__init__(content, headers={"Cache-Control": "no-cache"}, sep=SEPARATOR, ping=ping_interval,
+                         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEPARATOR),
+                         send_timeout=send_timeout)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning("a stream's client read nothing for %g s; the stream is aborted", self.send_timeout)
         finally:  # however the stream ended, even before its first event
+            # A client gone mid-stream leaves the events suspended; closing them now aborts the engine
+            # requests behind them at once, rather than when they are garbage-collected.
+            await self.body_iterator.aclose()
             if self.on_close is not None:
                 self.on_close()
 
-    async def stream_response(self, send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            # Starlette drops a stream whose client left without closing it; close it now, so the
-            # engine requests behind it are aborted at once rather than when it is garbage-collected.
-            await self.body_iterator.aclose()
 
-
-def event_stream(events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> EventStreamResponse:
+def event_stream(events: AsyncIterator[str], ping_interval: float, send_timeout: float,
+                 on_close: Callable[[], None] | None = None) -> EventStreamResponse:
     """An SSE response of `events`, ended by [DONE] (after an error event if one is raised); `on_close()`
     runs once the response is over."""
-    return EventStreamResponse(error_events(events), SSE_HEADERS, on_close)
+    return EventStreamResponse(error_events(events), ping_interval, send_timeout, on_close)
 
 
 async def merge(iterators: Sequence[AsyncIterator]) -> AsyncIterator:

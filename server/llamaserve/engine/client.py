@@ -16,8 +16,11 @@ import multiprocessing as mp
 import os
 import itertools
 import queue
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from llamaserve.config import EngineConfig
@@ -79,6 +82,26 @@ def _exit_engine(reason: str) -> None:
     pipe, so the API process fails every pending request and reports the engine dead."""
     log.error("%s; the engine exits", reason)
     os._exit(1)
+
+
+@contextmanager
+def _shutdown_signals_ignored():
+    """Processes started inside ignore SIGINT and SIGTERM (the dispositions survive exec; Python keeps an
+    ignored SIGINT ignored), and so do the workers they start: Ctrl+C or a control group's SIGTERM reaches
+    every process, and only the API process may act on it, by draining, then stopping the engine. Here the
+    signals are blocked meanwhile, so one that arrives is delivered to the restored handler, not lost."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():  # handlers can only change there
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _next_messages(inbox: queue.SimpleQueue, wait: float) -> list:
@@ -165,7 +188,8 @@ class AsyncEngineClient:
         conn, child_conn = ctx.Pipe()
         # Not a daemon: it starts tensor-parallel workers. It exits by itself when this process goes (EOF).
         process = ctx.Process(target=run_engine_core, args=(config, child_conn, log_format), name="llamaserve-engine")
-        process.start()
+        with _shutdown_signals_ignored():
+            process.start()
         child_conn.close()  # so the pipe reports EOF when the engine process dies
         try:
             ready = await asyncio.to_thread(conn.recv)
@@ -205,7 +229,7 @@ class AsyncEngineClient:
 
     def _on_message(self, message: StepOutputs | CommandResult | None) -> None:
         if message is None:  # the pipe closed: the engine process is gone
-            self._engine_died()
+            self.engine_exited()
             return
         if isinstance(message, CommandResult):
             future = self._commands.pop(message.command_id, None)
@@ -233,12 +257,17 @@ class AsyncEngineClient:
             self._stalled = True
             log.error("the engine has finished no step for %.0f s while holding %d requests; they fail",
                       waited, len(self._unfinished))
-            error = EngineStalledError(f"the engine has made no progress for {waited:.0f} s")
-            for stream in self._streams.values():
-                stream.put_nowait(error)
+            self.interrupt(EngineStalledError(f"the engine has made no progress for {waited:.0f} s"))
         self._loop.call_later(min(WATCH_INTERVAL, self.stall_timeout / 4), self._watch)
 
-    def _engine_died(self) -> None:
+    def interrupt(self, error: Exception) -> None:
+        """Every request waiting on the engine raises `error` and is aborted (a drain's deadline)."""
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+    def engine_exited(self) -> None:
+        """The engine process is gone (its pipe closed, or its sentinel says so): every waiting request and
+        command fails with EngineDeadError. Idempotent."""
         if self._dead is not None or self._closed:  # closed: it exited because it was told to
             return
         self.process.join(timeout=1)

@@ -69,8 +69,8 @@ class ModelRunner:
         thread) when one exits unasked, by default logging it and failing every later step."""
         self.tp = TensorParallel(rank, config.parallel.tensor_parallel_size)
         self.device = torch.device(config.model.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", rank)  # one GPU per rank on this host
+        if self.device.type == "cuda" and self.device.index is None:  # one GPU per rank on its host
+            self.device = torch.device("cuda", config.parallel.local_rank(rank))
         self.dtype = parse_dtype(config.model.dtype)
         # Rank 0 resolves (and converts, once) the checkpoint and checks it splits before any worker starts.
         self.checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir)
@@ -105,12 +105,12 @@ class ModelRunner:
             self.register_adapter(name, path)
 
     def _join_group(self, config: EngineConfig, on_worker_death: Callable[[str], None] | None) -> EngineConfig:
-        """Rank 0 starts the workers (fixing the rendezvous port); every rank then joins the group.
+        """Rank 0 starts node 0's other ranks (fixing the rendezvous port); every rank then joins the group.
         Returns the config with the port fixed."""
         if self.tp.rank == 0:
             self.workers, config = WorkerGroup.start(config, on_worker_death or self._worker_died)
-        if self.device.type == "cpu":  # ranks share this host's cores instead of each taking all
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.tp.size))
+        if self.device.type == "cpu":  # the ranks on a host share its cores instead of each taking all
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // config.parallel.ranks_per_node))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.step_group = init_process_group(config, self.tp.rank, self.device)
@@ -250,7 +250,10 @@ class ModelRunner:
         if self.workers is None:
             return
         if self.worker_failure is None:
-            self._broadcast(None)
+            try:
+                self._broadcast(None)
+            except RuntimeError as e:  # a remote rank already gone: nobody left to tell
+                log.warning("could not tell every rank to stop: %s", describe(e))
         self.workers.join()
         self.workers = None
         dist.destroy_process_group()
@@ -266,11 +269,11 @@ class ModelRunner:
             return self._forward(inputs, self.kv_caches)
         if self.worker_failure is not None:
             raise FatalEngineError(self.worker_failure)
-        self._broadcast(inputs)
         try:
+            self._broadcast(inputs)
             return self._forward(inputs, self.kv_caches)
-        except Exception as e:  # the other ranks may wait in a collective this rank never reaches
-            raise FatalEngineError(f"the forward pass failed on rank 0 of {self.tp.size}: {describe(e)}") from e
+        except Exception as e:  # a rank gone (a failed collective), or others wait in one this rank never reaches
+            raise FatalEngineError(f"the step failed on rank 0 of {self.tp.size}: {describe(e)}") from e
 
     def keepalive(self) -> None:
         """Rank 0, while idle: an empty step, so that the workers' wait for the next one never times out."""
