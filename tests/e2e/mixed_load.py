@@ -7,27 +7,19 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-import pytest
 
 from tests.e2e.checks import read_events
 
 WORDS = ["river", "stone", "lamp", "orbit", "violet", "copper", "harbor", "meadow", "signal", "thread"]
 DEADLINE = 60.0  # seconds one request may take before it counts as hung
-
-
-@contextmanager
-def sleeping_openmp_threads() -> Iterator[None]:
-    """Servers started inside have engines whose OpenMP threads sleep while they wait for each other.
-    Servers, clients and nginx share few cores here, and threads that spin take the core their partner
-    needs: the same load ran three times slower (12 requests/s instead of 40 on two busy cores)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # read by the engine's OpenMP runtime when it loads
-        yield
+# For the servers under load: their engine's OpenMP threads sleep while they wait for each other. Servers,
+# clients and nginx share few cores here, and threads that spin take the core their partner needs: the
+# same load ran three times slower (12 requests/s instead of 40 on two busy cores).
+SLEEPING_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import Server, free_port
-from tests.e2e.mixed_load import Load, Outcome, mixed_request, sleeping_openmp_threads
+from tests.e2e.mixed_load import SLEEPING_OPENMP, Load, Outcome, mixed_request
 
 NGINX_CONF = Path(__file__).parents[2] / "docker" / "nginx.conf"
 CONCURRENCY = 16
@@ -107,7 +107,7 @@ class Replica:
         self.starts += 1
         log_dir = self.root / f"replica-{self.port}-{self.starts}"
         log_dir.mkdir(parents=True)
-        self.server = Server(log_dir, "--model", str(self.model), port=self.port)
+        self.server = Server(log_dir, "--model", str(self.model), env=SLEEPING_OPENMP, port=self.port)
         return self
 
     def kill_all(self) -> None:
@@ -142,20 +142,19 @@ def cluster(tmp_path: Path, model: Path) -> Iterator[tuple[Nginx, list[Replica]]
         pytest.skip("nginx not found: install Debian's package (`apt-get install nginx`; .ci/run does it)")
     replicas = [Replica(tmp_path, model, free_port()) for _ in range(2)]
     nginx = None
-    with sleeping_openmp_threads():  # for the replicas a test restarts too
-        try:
-            with ThreadPoolExecutor(len(replicas)) as pool:
-                for start in [pool.submit(r.start) for r in replicas]:
-                    start.result()
-            run_dir = tmp_path / "nginx"
-            run_dir.mkdir()
-            nginx = Nginx(binary, run_dir, [r.port for r in replicas])
-            yield nginx, replicas
-        finally:
-            if nginx is not None:
-                nginx.stop()
-            for r in replicas:
-                r.stop()
+    try:
+        with ThreadPoolExecutor(len(replicas)) as pool:
+            for start in [pool.submit(r.start) for r in replicas]:
+                start.result()
+        run_dir = tmp_path / "nginx"
+        run_dir.mkdir()
+        nginx = Nginx(binary, run_dir, [r.port for r in replicas])
+        yield nginx, replicas
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        for r in replicas:
+            r.stop()
 
 
 def describe(load: Load) -> str:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.e2e.checks import spawned_children
 from tests.e2e.conftest import Server
-from tests.e2e.mixed_load import Load, Outcome, mixed_request, sleeping_openmp_threads
+from tests.e2e.mixed_load import SLEEPING_OPENMP, Load, Outcome, mixed_request
 from tests.e2e.scrape import Scrape, scrape
 from tests.e2e.test_concurrency import wait_until_idle
 
@@ -54,9 +54,8 @@ class Soak:
 
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory, tiny_model) -> Soak:
-    with sleeping_openmp_threads():
-        server = Server(tmp_path_factory.mktemp("soak"), "--model", str(tiny_model), "--max-num-seqs", "32",
-                        "--max-concurrent-requests", "256")
+    server = Server(tmp_path_factory.mktemp("soak"), "--model", str(tiny_model), "--max-num-seqs", "32",
+                    "--max-concurrent-requests", "256", env=SLEEPING_OPENMP)
     processes = {"api": psutil.Process(server.process.pid)}
     [processes["engine"]] = spawned_children(processes["api"])
     rss: dict[str, dict[int, int]] = {name: {} for name in processes}
