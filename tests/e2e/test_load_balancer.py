@@ -203,9 +203,8 @@ def test_a_replica_killed_mid_run_costs_only_the_streams_it_was_sending(tmp_path
     assert not [o for o in results if o.kind == "hung"]
     assert not failures([o for o in results if not o.stream]), "every non-streaming request is retried"
     cut = failures([o for o in results if o.stream])
-    for o in cut:  # only streams the victim was sending when it died, and they end with a clear error
+    for o in cut:  # only streams the victim was sending when it died: the connection closes before [DONE]
         assert o.kind == "cut" and o.upstream == victim.address and o.started < killed, o
-        assert "RemoteProtocolError" in o.detail or "framing" in o.detail, o
     assert cut, "the victim was sending streams when it died"
     started_after = [o for o in results if o.started > killed] + after
     assert not failures(started_after)
