@@ -199,10 +199,11 @@ def test_a_replica_killed_mid_run_costs_only_the_streams_it_was_sending(tmp_path
           f"retried on the survivor: {sum(len(o.upstreams) > 1 for o in results)}; the 64 sent after: "
           f"{sum(o.kind == 'ok' for o in after)} ok, {sum(o.upstream == survivor.address for o in after)} "
           f"served by the survivor")
+    cut = failures([o for o in results if o.stream])
+    print(f"a cut stream's end: {cut[0].detail if cut else None}")
     assert len(results) == 300
     assert not [o for o in results if o.kind == "hung"]
     assert not failures([o for o in results if not o.stream]), "every non-streaming request is retried"
-    cut = failures([o for o in results if o.stream])
     for o in cut:  # only streams the victim was sending when it died: the connection closes before [DONE]
         assert o.kind == "cut" and o.upstream == victim.address and o.started < killed, o
     assert cut, "the victim was sending streams when it died"
