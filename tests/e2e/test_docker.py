@@ -1,6 +1,6 @@
 """docker/: the compose stack, Prometheus, collector and Grafana files parse and agree with each other and
 with the live server: every flag the server is started with exists, every metric the dashboard queries
-is exported."""
+is exported. The image, the replicas' shutdown and the Kubernetes manifests: tests/unit/test_deploy_manifests.py."""
 
 import argparse
 import json
@@ -34,34 +34,39 @@ def dashboard_queries() -> list[str]:
     return queries
 
 
-def serve_args(compose: dict) -> argparse.Namespace:
-    command = compose["services"]["llamaserve"]["command"]
-    assert command[:2] == ["llamaserve", "serve"]
+REPLICAS = ("llamaserve-1", "llamaserve-2")
+
+
+def serve_args(compose: dict, replica: str) -> argparse.Namespace:
+    command = compose["services"][replica]["command"]  # the flags of the image's `llamaserve serve`
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_serve_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(command[1:])  # fails on a flag the CLI does not have
+    return parser.parse_args(["serve", *command])  # fails on a flag the CLI does not have
 
 
 def test_compose_wires_the_server_to_prometheus_and_the_collector(compose):
     services = compose["services"]
-    assert set(services) == {"llamaserve", "prometheus", "grafana", "otel-collector", "jaeger"}
+    assert set(services) == {*REPLICAS, "nginx", "prometheus", "grafana", "otel-collector", "jaeger"}
     for service in services.values():  # every bind-mounted file is in docker/
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("./"):
                 assert (DOCKER / source).exists(), source
-    assert (DOCKER.parent / services["llamaserve"]["build"]["dockerfile"]).exists()
 
-    args = serve_args(compose)
-    assert args.log_format == "json" and args.host == "0.0.0.0"
-    endpoint = urlparse(args.otlp_traces_endpoint)
     collector = load_yaml("otel-collector.yaml")
-    assert endpoint.hostname == "otel-collector" and endpoint.path == "/v1/traces"
-    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(f":{endpoint.port}")
-
     [job] = load_yaml("prometheus.yml")["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"llamaserve:{args.port}"]
+    targets = []
+    for replica in REPLICAS:
+        assert (DOCKER / services[replica]["build"]["context"] / services[replica]["build"]["dockerfile"]).exists()
+        args = serve_args(compose, replica)
+        assert args.log_format == "json" and args.host == "0.0.0.0"
+        endpoint = urlparse(args.otlp_traces_endpoint)
+        assert endpoint.hostname == "otel-collector" and endpoint.path == "/v1/traces"
+        assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(f":{endpoint.port}")
+        targets.append(f"{replica}:{args.port}")
+    # Each replica directly: through nginx every scrape would land on whichever replica it picks.
+    assert job["static_configs"][0]["targets"] == targets
 
 
 def test_the_collector_exports_traces_to_jaeger(compose):
