@@ -111,14 +111,20 @@ def add_serve_parser(subcommands) -> None:
                    "(default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else tracing is off)")
 
 
-def serve(args: argparse.Namespace) -> int:
-    from llamaserve.config import load_config
-
+def config_options(args: argparse.Namespace) -> dict:
+    """The configuration options that parsed `serve` flags give (None: unset), the environment's API key
+    among them."""
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "headless")}
     if os.environ.get("LLAMASERVE_API_KEY"):
         options["api_keys"] = [*(options["api_keys"] or ()), os.environ["LLAMASERVE_API_KEY"]]
+    return options
+
+
+def serve(args: argparse.Namespace) -> int:
+    from llamaserve.config import load_config
+
     try:
-        engine_config, server_config = load_config(args.config, **options)
+        engine_config, server_config = load_config(args.config, **config_options(args))
     except (ValueError, TypeError, OSError) as e:
         print(f"llamaserve: {e}", file=sys.stderr)
         return 2

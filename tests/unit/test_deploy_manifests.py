@@ -14,7 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamaserve.api.metrics import Metrics
-from llamaserve.cli import add_serve_parser
+from llamaserve.cli import add_serve_parser, config_options
 from llamaserve.config import EngineConfig, ServerConfig, load_config
 from llamaserve.engine.client import EngineReady
 from llamaserve.engine.messages import EngineStats
@@ -63,8 +63,7 @@ def configs(flags: list[str]) -> tuple[argparse.Namespace, EngineConfig, ServerC
     if config is not None:
         assert Path(config).parent == Path("/app/configs"), config  # where the Dockerfile copies configs/
         config = ROOT / "configs" / Path(config).name
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config")}  # as cli.serve does
-    return (args, *load_config(config, **options))
+    return (args, *load_config(config, **config_options(args)))
 
 
 def entrypoint() -> list[str]:
