@@ -51,12 +51,11 @@ class Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            rows = x.shape[0] if x.dim() == 2 else None
-            padded = padded_rows(rows) if rows is not None else None
+            rows = x.shape[0]
+            padded = padded_rows(rows) if x.dim() == 2 else rows
             if padded != rows:  # zero rows below: a row's result does not depend on the others
                 x = F.pad(x, (0, 0, 0, padded - rows))
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-            return y if padded == rows else y[:rows]
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")[:rows]
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
