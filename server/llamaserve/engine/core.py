@@ -1,5 +1,7 @@
 """The engine loop: schedule -> execute -> update."""
 
+import ctypes
+import ctypes.util
 import logging
 from bisect import bisect_left
 from collections.abc import Callable
@@ -19,6 +21,16 @@ from llamaserve.engine.messages import (
 from llamaserve.engine.model_runner import ModelRunner, RunnerOutput
 from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where there is one: glibc keeps freed memory for reuse, and a trim when the
+    engine falls idle gives it back, so the engine's RSS tracks what it holds."""
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
+_malloc_trim = _libc_trim()
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +136,8 @@ class EngineCore:
                 self.runner.release(r.request_id)
         if not self.has_work():
             self.block_manager.check_integrity()  # cheap when idle; a leak shows up at once
+            if _malloc_trim is not None:
+                _malloc_trim(0)
 
     def _count(self, step, result: RunnerOutput) -> None:
         s = self.stats
