@@ -22,7 +22,7 @@ from opentelemetry.trace import TracerProvider
 
 from llamaserve.api.auth import APIKeys, AuthMiddleware
 from llamaserve.api.body_limit import BodyLimitMiddleware
-from llamaserve.api.drain import Drain, DrainMiddleware
+from llamaserve.api.drain import Drain, DrainMiddleware, cut_short
 from llamaserve.api.errors import APIError, engine_dead, engine_stalled, install_error_handlers
 from llamaserve.api.metrics import CONTENT_TYPE, Metrics, rejection_reason
 from llamaserve.api.protocol import (
@@ -159,8 +159,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
             app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry, server_config)
             # The process sentinel becomes readable when the engine process ends, for whatever reason.
             loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
-            drain.on_cut = lambda: client.interrupt(APIError(
-                503, "the server shut down before the request finished (--drain-timeout)", code="server_shutting_down"))
+            drain.on_cut = lambda: client.interrupt(cut_short())
             drain.ready = True
             if on_ready is not None:
                 on_ready(name)

@@ -29,8 +29,15 @@ RETRY_AFTER = "1"
 
 
 def shutting_down() -> APIError:
+    """A new request refused while draining."""
     return APIError(503, "the server is shutting down; retry on another replica", code="server_shutting_down",
                     headers={"Retry-After": RETRY_AFTER})
+
+
+def cut_short() -> APIError:
+    """A request still running at the drain's deadline."""
+    return APIError(503, "the server shut down before the request finished (--drain-timeout)",
+                    code="server_shutting_down")
 
 
 class Drain:

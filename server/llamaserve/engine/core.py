@@ -1,7 +1,6 @@
 """The engine loop: schedule -> execute -> update."""
 
 import ctypes
-import ctypes.util
 import logging
 from bisect import bisect_left
 from collections.abc import Callable
@@ -23,14 +22,9 @@ from llamaserve.engine.request import Request
 from llamaserve.engine.scheduler import Scheduler
 
 
-def _libc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, where there is one: glibc keeps freed memory for reuse, and a trim when the
-    engine falls idle gives it back, so the engine's RSS tracks what it holds."""
-    libc = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-
-
-_malloc_trim = _libc_trim()
+# glibc keeps freed memory for reuse; a trim when the engine falls idle gives it back, so the engine's RSS
+# tracks what it holds. None where the C library has no malloc_trim (musl, macOS).
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 log = logging.getLogger(__name__)
 
