@@ -2,10 +2,32 @@
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 # Dividing logits by a smaller temperature overflows float32 or divides by a denormal; the
 # distribution is a one-hot at the argmax long before, so such requests are served greedily.
 GREEDY_TEMPERATURE = 1e-5
+
+
+StructuredKind = Literal["json", "regex", "choice", "grammar", "structural_tag"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text; the engine compiles it to a grammar (xgrammar) and masks every
+    token that would break it. Equal constraints are one cache entry, so `spec` is canonical text."""
+
+    kind: StructuredKind
+    # json: a JSON Schema, as JSON text; regex: the pattern; choice: a JSON list of the allowed strings;
+    # grammar: EBNF (GBNF) text; structural_tag: xgrammar's structural tag, as JSON text
+    spec: str
+
+    def __post_init__(self):
+        if self.kind not in ("json", "regex", "choice", "grammar", "structural_tag"):
+            raise ValueError(f"structured output kind {self.kind!r} is not one of json, regex, choice, grammar, "
+                             "structural_tag")
+        if not isinstance(self.spec, str):
+            raise ValueError("a structured output's spec must be text")
 
 
 @dataclass(frozen=True)
@@ -25,6 +47,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the model's EOS token
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
     skip_special_tokens: bool = True  # detokenization drops special tokens
+    structured: StructuredOutput | None = None  # a grammar the output must follow; None: free text
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -51,6 +74,9 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
         ]
+        if self.structured is not None and self.ignore_eos:
+            # A finished grammar allows only EOS: ignoring it would leave nothing to sample.
+            checks.append((False, "ignore_eos cannot be combined with structured output"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
