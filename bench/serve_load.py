@@ -6,6 +6,11 @@
 Every request asks for exactly --max-tokens tokens (ignore_eos) at temperature 0. Output tokens/s =
 all streamed tokens / wall seconds; TTFT and inter-token latency are measured at the client.
 
+Structured output's cost: `--json-schema FILE` constrains every request by that schema (response_format
+json_schema); ignore_eos cannot combine with a grammar, so give a schema whose output is longer than
+--max-tokens (bench/long_schema.json: an array of at least 64 objects) and every request still streams
+exactly --max-tokens tokens, as the unconstrained run does.
+
 Tracing overhead: serve with `--otlp-traces-endpoint http://127.0.0.1:4318/v1/traces` and run this with
 `--traceparent --otlp-sink 4318`: every request then carries a W3C traceparent (as from a tracing load
 balancer) and the spans the server exports are received and counted here.
@@ -58,10 +63,13 @@ class OTLPSink:
 
 
 async def one_request(http: httpx.AsyncClient, model: str, i: int, max_tokens: int,
-                      traceparent: bool = False) -> tuple[float, list[float], int]:
+                      traceparent: bool = False, schema: dict | None = None) -> tuple[float, list[float], int]:
     body = {"model": model, "messages": [{"role": "user", "content": f"Write about {TOPICS[i % len(TOPICS)]}."}],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if schema is None:
+        body["ignore_eos"] = True
+    else:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
     start = time.perf_counter()
     arrivals, tokens = [], 0
     headers = {"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"} if traceparent else {}
@@ -86,20 +94,22 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--models", help="comma-separated models (e.g. LoRA adapters) the requests take in turn "
                         "(default: the first the server lists)")
+    parser.add_argument("--json-schema", metavar="FILE", help="constrain every request by this JSON Schema")
     parser.add_argument("--traceparent", action="store_true", help="send a fresh W3C traceparent with each request")
     parser.add_argument("--otlp-sink", type=int, metavar="PORT",
                         help="receive and count the server's OTLP/HTTP spans on 127.0.0.1:PORT")
     args = parser.parse_args()
     sink = OTLPSink(args.otlp_sink) if args.otlp_sink else None
+    schema = json.loads(open(args.json_schema).read()) if args.json_schema else None
     async with httpx.AsyncClient(base_url=args.url, timeout=600) as http:
         models = args.models.split(",") if args.models else [(await http.get("/v1/models")).json()["data"][0]["id"]]
         for model in models:
-            await one_request(http, model, 0, 4)  # warm-up (and an adapter's first load)
+            await one_request(http, model, 0, 4, schema=schema)  # warm-up (an adapter's first load, the grammar)
         slots = asyncio.Semaphore(args.concurrency)
 
         async def limited(i):
             async with slots:
-                return await one_request(http, models[i % len(models)], i, args.max_tokens, args.traceparent)
+                return await one_request(http, models[i % len(models)], i, args.max_tokens, args.traceparent, schema)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(i) for i in range(args.requests)))

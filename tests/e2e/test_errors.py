@@ -78,7 +78,7 @@ CASES = [
     (CHAT, {"messages": MESSAGES, "tool_choice": "auto"}, 400, "tool_choice"),
     (CHAT, {"messages": MESSAGES, "functions": [{"name": "f"}]}, 400, "functions"),
     (CHAT, {"messages": MESSAGES, "function_call": {"name": "f"}}, 400, "function_call"),
-    (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"messages": MESSAGES, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     (CHAT, {"messages": MESSAGES, "modalities": ["text", "audio"]}, 400, "modalities"),
     (CHAT, {"messages": MESSAGES, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio"),
     (COMPLETIONS, {"prompt": "Hi", "echo": True}, 400, "echo"),

@@ -3,9 +3,10 @@
 Requests are strict (a string where a number belongs is an error, not coerced; NaN and infinities,
 which Python's JSON parser accepts, are refused) and ignore fields they do not know, as OpenAI's API
 does. Ranges are declared on the fields, so a validation error names the parameter. Known OpenAI
-fields that would change the response in ways this server cannot honour yet (tools, JSON mode, echo,
-...) are refused rather than silently ignored. vLLM's extension fields (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids, priority) are accepted under vLLM's names.
+fields that would change the response in ways this server cannot honour yet (audio, echo, ...) are
+refused rather than silently ignored. vLLM's extension fields (top_k, min_p, repetition_penalty,
+ignore_eos, stop_token_ids, priority, structured_outputs and the older guided_*) are accepted under
+vLLM's names.
 Count limits that are the operator's to set (stop strings, messages, n, ...) are checked in serving.
 """
 
@@ -75,6 +76,31 @@ class ChatMessage(Request):
         return content
 
 
+class JSONSchemaFormat(Request):
+    name: Text = Field("response", max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # outputs always follow the schema exactly, strict or not
+
+
+class ResponseFormat(Request):
+    """OpenAI's response_format: free text, any JSON object, or JSON that follows a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(Request):
+    """vLLM's structured_outputs: one constraint on the output."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")  # a JSON Schema (or its JSON text)
+    regex: Text | None = None
+    choice: list[Text] | None = Field(None, min_length=1)
+    grammar: Text | None = None  # EBNF (GBNF)
+    json_object: bool | None = None
+    structural_tag: Text | None = None  # xgrammar's structural tag, as JSON text
+
+
 class SamplingRequest(Request):
     """The fields chat and completions requests share."""
 
@@ -89,9 +115,7 @@ class SamplingRequest(Request):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[Text, float] | None = None  # token id (as a string) -> bias in [-100, 100]
-    response_format: Annotated[dict[str, Any] | None,
-                               _unsupported("a response_format other than {'type': 'text'}",
-                                            lambda v: v is None or v.get("type") == "text")] = None
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -102,6 +126,13 @@ class SamplingRequest(Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     priority: int = 0  # lower runs first under the priority scheduling policy
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' fields
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = Field(None, min_length=1)
+    guided_grammar: Text | None = None
+    guided_decoding_backend: Text | None = None  # accepted and ignored: xgrammar serves every request
 
     @property
     def include_usage(self) -> bool:

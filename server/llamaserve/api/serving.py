@@ -56,11 +56,12 @@ from llamaserve.api.protocol import (
     Usage,
 )
 from llamaserve.api.streaming import event_stream, merge, sse_event
+from llamaserve.api.structured import structured_output
 from llamaserve.api.telemetry import GenerationRecord, Telemetry
 from llamaserve.config import ServerConfig
 from llamaserve.engine.client import AsyncEngineClient
 from llamaserve.engine.messages import TokenLogprobs, kv_blocks_needed
-from llamaserve.sampling_params import SamplingParams
+from llamaserve.sampling_params import SamplingParams, StructuredOutput
 from llamaserve.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 # Stable for one build of the server: clients may compare it to notice a server change.
@@ -167,9 +168,10 @@ class OpenAIServing:
         self._check_limits(request, 1)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        structured = structured_output(request)
         prompt_ids = await self._off_loop(self._chat_prompt, request.messages)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        choices = self._choices(request, [prompt_ids], logprobs, prompt_param="messages")
+        choices = self._choices(request, [prompt_ids], logprobs, "messages", structured)
         generation = self._admit(raw, response_id, choices, request.priority, lora, record)
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -191,7 +193,7 @@ class OpenAIServing:
                 yield chunk([], usage.usage())
 
         if request.stream:
-            return generation.stream(events())
+            return await generation.stream(raw, events())
         deltas, usage = await generation.collect(raw)
         return json_response(ChatCompletion(
             id=response_id, created=created, model=lora or self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
@@ -211,8 +213,9 @@ class OpenAIServing:
         # A string or a list of token ids is one prompt; a list of either is one prompt per entry.
         single = isinstance(request.prompt, str) or bool(request.prompt) and isinstance(request.prompt[0], int)
         self._check_limits(request, 1 if single else len(request.prompt))
+        structured = structured_output(request)
         prompts = await self._off_loop(self._completion_prompts, request.prompt)
-        choices = self._choices(request, prompts, request.logprobs, "prompt")
+        choices = self._choices(request, prompts, request.logprobs, "prompt", structured)
         generation = self._admit(raw, response_id, choices, request.priority, lora, record)
 
         def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
@@ -234,7 +237,7 @@ class OpenAIServing:
                 yield sse_event(completion([], usage.usage()))
 
         if request.stream:
-            return generation.stream(events())
+            return await generation.stream(raw, events())
         deltas, usage = await generation.collect(raw)
         return json_response(completion(
             [CompletionChoice(index=i, text="".join(d.text for d in ds), logprobs=logprobs(ds),
@@ -396,7 +399,7 @@ class OpenAIServing:
         return max_tokens
 
     def _choices(self, request: SamplingRequest, prompts: list[list[int]], logprobs: int | None,
-                 prompt_param: str) -> list[ChoiceRequest]:
+                 prompt_param: str, structured: StructuredOutput | None = None) -> list[ChoiceRequest]:
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
         logit_bias = self._logit_bias(request.logit_bias or {})
         stop_token_ids = frozenset(request.stop_token_ids or ())  # in the vocabulary: at most its size
@@ -415,7 +418,7 @@ class OpenAIServing:
                         logit_bias=logit_bias,
                         seed=None if request.seed is None else request.seed + j,  # choices differ, reproducibly
                         max_tokens=max_tokens, stop=tuple(stop), stop_token_ids=stop_token_ids,
-                        ignore_eos=request.ignore_eos, logprobs=logprobs,
+                        ignore_eos=request.ignore_eos, logprobs=logprobs, structured=structured,
                     )
                 except ValueError as e:  # its messages start with the field's name
                     raise bad_request(str(e), str(e).split()[0]) from None
@@ -522,13 +525,32 @@ class Generation:
     record: GenerationRecord
     release: Callable[[], None]
 
+    def __post_init__(self):
+        self._runs = [self.serving._run_choice(f"{self.response_id}-{c.index}", c, self) for c in self.choices]
+
     def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Every choice's deltas, interleaved as they arrive."""
-        return merge([self.serving._run_choice(f"{self.response_id}-{c.index}", c, self) for c in self.choices])
+        return merge(self._runs)
 
-    def stream(self, events: AsyncIterator[str]) -> Response:
+    async def stream(self, raw: Request, events: AsyncIterator[str]) -> Response:
+        """An SSE response of `events`, opened once the engine has accepted every choice's grammar: one it
+        cannot compile is a 400, not an error event after a 200."""
+        try:
+            await cancel_on_disconnect(raw, self._grammars_accepted())
+        except BaseException:
+            for run in self._runs:
+                await run.aclose()  # aborts the choices already in the engine
+            self.release()
+            raise
         config = self.serving.config
         return event_stream(events, config.sse_ping_interval, config.sse_send_timeout, on_close=self.release)
+
+    async def _grammars_accepted(self) -> None:
+        # The engine's first output for a constrained request is an empty notice (or the compile error);
+        # choices share one compiled grammar, so waiting in turn costs one compile.
+        for choice, run in zip(self.choices, self._runs):
+            if choice.params.structured is not None:
+                await anext(run)
 
     async def collect(self, raw: Request) -> tuple[dict[int, list[ChoiceDelta]], Usage]:
         """All deltas per choice, for a response sent whole; cancelled if the client goes away first."""
