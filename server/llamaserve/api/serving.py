@@ -510,6 +510,24 @@ class OpenAIServing:
                 offset += len(text)
         return result
 
+    # ---- other protocols on the same path (TGI's native routes: llamaserve.api.tgi) ---------
+
+    async def encode(self, text: str) -> list[int]:
+        """A prompt's token ids, tokenized off the event loop as the OpenAI routes tokenize theirs."""
+        return await self._off_loop(self.tokenizer.encode, text)
+
+    def admit_prompt(self, raw: Request, request: CompletionRequest, prompt_ids: list[int], response_id: str,
+                     logprobs: int | None, structured: StructuredOutput | None = None) -> "Generation":
+        """One tokenized prompt admitted as /v1/completions admits its prompts (the engine alive, the model or
+        adapter served, the server's limits and the context checked, concurrency slots reserved, the request
+        measured, logged and traced), for a protocol that formats the deltas itself. `request` carries the
+        sampling fields, its prompt (the text, for the request log) and `n` choices."""
+        record = self.telemetry.start(raw, "text_completion", request, response_id)
+        lora = self._check_serving(request.model)
+        self._check_limits(request, 1)
+        choices = self._choices(request, [prompt_ids], logprobs, "prompt", structured)
+        return self._admit(raw, response_id, choices, request.priority, lora, record)
+
 
 @dataclass
 class Generation:
@@ -567,6 +585,18 @@ class Generation:
                 deltas[d.index].append(d)
                 usage.add(d)
         return deltas, usage.usage()
+
+    async def accepted(self, raw: Request) -> None:
+        """Returns once the engine has accepted every choice's grammar, as stream() waits before it opens, for a
+        stream framed by another protocol; if it cannot (a grammar refused, the client gone), the choices are
+        aborted, the slots released, and the error raised."""
+        try:
+            await cancel_on_disconnect(raw, self._grammars_accepted())
+        except BaseException:
+            for run in self._runs:
+                await run.aclose()
+            self.release()
+            raise
 
 
 # ---- HTTP plumbing ----------------------------------------------------------------------------
