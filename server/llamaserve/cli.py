@@ -1,6 +1,6 @@
-"""`llamaserve serve` (the OpenAI-compatible server), `llamaserve plan` (a deployment's memory plan) and
-`llamaserve bench` (a load generator for any OpenAI-compatible server). `llamaserve COMMAND --help` documents
-every flag."""
+"""`llamaserve serve` (the OpenAI-compatible server), `llamaserve plan` (a deployment's memory plan),
+`llamaserve bench` (a load generator for any OpenAI-compatible server) and `llamaserve playground` (a chat web
+app for a server). `llamaserve COMMAND --help` documents every flag."""
 
 import argparse
 import logging
@@ -297,14 +297,50 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_playground_parser(subcommands) -> None:
+    p = subcommands.add_parser(
+        "playground",
+        help="a chat web app (Gradio) for a llamaserve server",
+        description="Start a Gradio chat app that talks to a llamaserve server over its OpenAI API: streamed "
+        "answers, multi-turn history, a system prompt and sampling options, a stop button. Needs the "
+        "`playground` extra: pip install 'llamaserve[playground]'.",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=os.environ.get("LLAMASERVE_API_KEY"),
+                   help="sent as `Authorization: Bearer KEY` (default: $LLAMASERVE_API_KEY)")
+    p.add_argument("--model", help="the model to chat with (default: the first one /v1/models lists)")
+    p.add_argument("--host", default="127.0.0.1", help="address the app listens on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="the app's port (default 7860)")
+
+
+def playground(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("llamaserve playground needs Gradio: pip install 'llamaserve[playground]'", file=sys.stderr)
+        return 2
+    import httpx
+
+    from llamaserve.playground import serve_playground
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool makes no calls home
+    try:
+        serve_playground(args.url, args.api_key, args.model, args.host, args.port)
+    except httpx.HTTPError as e:
+        print(f"llamaserve playground: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamaserve", description="An inference server for Llama-family models.")
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subcommands)
     add_plan_parser(subcommands)
     add_bench_parser(subcommands)
+    add_playground_parser(subcommands)
     args = parser.parse_args(argv)
-    return {"serve": serve, "plan": plan, "bench": bench}[args.command](args)
+    return {"serve": serve, "plan": plan, "bench": bench, "playground": playground}[args.command](args)
 
 
 if __name__ == "__main__":
