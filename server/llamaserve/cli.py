@@ -235,7 +235,8 @@ def add_bench_parser(subcommands) -> None:
     sweep.add_argument("--request-rate", type=_numbers, metavar="R[,R...]",
                        help="requests per second arriving as a Poisson process, one point per value ('inf': all at once)")
     p.add_argument("--max-concurrency", type=int, help="with --request-rate: at most this many in flight")
-    p.add_argument("--requests", type=int, default=32, help="requests per sweep point, the same ones each time (default 32)")
+    p.add_argument("--requests", type=int, default=32,
+                   help="requests per sweep point, none sent twice in a sweep while the set lasts (default 32)")
     p.add_argument("--seed", type=int, default=0, help="which requests are drawn, and the arrival times (default 0)")
     p.add_argument("--max-input-tokens", type=int, help="leave out prompts longer than this")
     p.add_argument("--max-output-tokens", type=int, help="cap each request's output length at this")
@@ -280,10 +281,15 @@ def bench(args: argparse.Namespace) -> int:
         print(f"llamaserve bench: cannot list the models of {args.url}: {e}", file=sys.stderr)
         return 1
     kind, values = ("request_rate", args.request_rate) if args.request_rate else ("concurrency", args.concurrency or [1, 4, 16])
-    specs = sample_prompts(load_prompts(), args.requests, args.seed, args.max_input_tokens, args.max_output_tokens)
+    # One draw for the whole sweep: no request repeats across points (while the set lasts), so a prefix cache
+    # gains no more at a later point than real traffic would give it; the warm-up's come last.
+    n = args.requests
+    specs = sample_prompts(load_prompts(), n * len(values) + args.warmup, args.seed, args.max_input_tokens,
+                           args.max_output_tokens)
+    point_specs = [specs[i * n:(i + 1) * n] for i in range(len(values))]
     target = Target(args.url, model, args.endpoint, args.api_key, args.ignore_eos, args.temperature, args.timeout)
-    result = run_sweep(target, specs, kind, values, args.seed, args.max_concurrency, args.warmup, args.progress,
-                       args.label, report=lambda point: print(point_line(point, kind), flush=True))
+    result = run_sweep(target, point_specs, specs[n * len(values):], kind, values, args.seed, args.max_concurrency,
+                       args.progress, args.label, report=lambda point: print(point_line(point, kind), flush=True))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1, allow_nan=False)

@@ -30,10 +30,6 @@ def test_a_concurrency_sweep_records_every_request(sweep, model):
     assert result["model"] == model and result["label"] == "ours" and result["sweep"]["kind"] == "concurrency"
     assert [p["concurrency"] for p in result["points"]] == [1, 2]
     assert "concurrency 1: 3/3 ok" in run.stdout and "concurrency 2: 3/3 ok" in run.stdout
-    first, second = result["points"]
-    # The same requests at each point; ignore_eos makes every one run to its length.
-    assert [r["expected_output_tokens"] for r in first["records"]] == [r["expected_output_tokens"] for r in
-                                                                       second["records"]]
     for point in result["points"]:
         s = point["summary"]
         assert s["failed"] == 0 and s["output_tokens"] == s["expected_output_tokens"] > 0

@@ -10,6 +10,7 @@ output_tokens against expected_output_tokens shows it.
 
 import asyncio
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -170,24 +171,24 @@ async def run_rate(target: Target, specs: list[PromptSpec], rate: float, seed: i
         return list(records), time.perf_counter() - start
 
 
-async def warm_up(target: Target, specs: list[PromptSpec], count: int) -> None:
-    """A few short requests first, so one-time costs (connections, compiled kernels) stay out of the figures."""
+async def warm_up(target: Target, specs: list[PromptSpec]) -> None:
+    """Short requests first, so one-time costs (connections, compiled kernels) stay out of the figures."""
     async with client_for(target, 1) as client:
-        for spec in specs[:count]:
+        for spec in specs:
             await send(client, target, PromptSpec(spec.prompt, spec.input_tokens, 4), 0, time.perf_counter())
 
 
-def run_sweep(target: Target, specs: list[PromptSpec], kind: str, values: list[float], seed: int = 0,
-              max_concurrency: int | None = None, warmup: int = 1, progress: bool = True, label: str | None = None,
-              report: Callable[[dict], None] = lambda point: None) -> dict:
-    """The same requests at each concurrency (kind "concurrency") or request rate (kind "request_rate"); the
-    result as `llamaserve bench` writes it: the run's settings, then per point its summary and records.
-    `report(point)` is called as each point finishes."""
+def run_sweep(target: Target, point_specs: list[list[PromptSpec]], warmup_specs: list[PromptSpec], kind: str,
+              values: list[float], seed: int = 0, max_concurrency: int | None = None, progress: bool = True,
+              label: str | None = None, report: Callable[[dict], None] = lambda point: None) -> dict:
+    """Each concurrency (kind "concurrency") or request rate (kind "request_rate") in `values` in turn, the
+    i-th sending `point_specs[i]`, after the warm-up; the result as `llamaserve bench` writes it: the run's
+    settings, then per point its summary and records. `report(point)` is called as each point finishes."""
     from tqdm import tqdm
 
-    asyncio.run(warm_up(target, specs, warmup))
+    asyncio.run(warm_up(target, warmup_specs))
     points = []
-    for value in values:
+    for value, specs in zip(values, point_specs):
         name = f"concurrency {int(value)}" if kind == "concurrency" else f"{value:g} req/s"
         with tqdm(total=len(specs), desc=name, unit="req", disable=not progress, leave=False) as bar:
             def on_done(record: RequestRecord) -> None:
@@ -199,14 +200,18 @@ def run_sweep(target: Target, specs: list[PromptSpec], kind: str, values: list[f
                 records, duration = asyncio.run(run_rate(target, specs, value, seed, max_concurrency, on_done))
         point = {"concurrency": int(value) if kind == "concurrency" else max_concurrency,
                  "request_rate": _json_number(value) if kind == "request_rate" else None,
-                 "summary": summarize(records, duration), "records": [r.to_json() for r in records]}
+                 "summary": summarize(records, duration),
+                 # This machine's 1-minute load average as the point ends: a benchmark beside a busy neighbour
+                 # (or with the server on the same cores) shows it.
+                 "load_average": round(os.getloadavg()[0], 2),
+                 "records": [r.to_json() for r in records]}
         points.append(point)
         report(point)
     return {
         "version": RESULT_VERSION,
         "label": label or f"{target.model} at {target.url}",
         "url": target.url, "model": target.model, "endpoint": target.endpoint, "ignore_eos": target.ignore_eos,
-        "temperature": target.temperature, "seed": seed, "requests_per_point": len(specs),
+        "temperature": target.temperature, "seed": seed, "requests_per_point": len(point_specs[0]), "cpu_count": os.cpu_count(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sweep": {"kind": kind, "values": [_json_number(v) for v in values], "max_concurrency": max_concurrency},
         "points": points,
@@ -229,4 +234,5 @@ def point_line(point: dict, kind: str) -> str:
     return (f"{where}: {s['completed']}/{s['requests']} ok, {s['output_throughput']:.1f} output tok/s, "
             f"{s['request_throughput']:.2f} req/s; TTFT p50/p99 {ms(s['ttft_ms'], 'p50')}/{ms(s['ttft_ms'], 'p99')} ms, "
             f"ITL {ms(s['itl_ms'], 'p50')}/{ms(s['itl_ms'], 'p99')} ms, TPOT {ms(s['tpot_ms'], 'p50')}/"
-            f"{ms(s['tpot_ms'], 'p99')} ms, E2E {ms(s['e2e_ms'], 'p50')}/{ms(s['e2e_ms'], 'p99')} ms")
+            f"{ms(s['tpot_ms'], 'p99')} ms, E2E {ms(s['e2e_ms'], 'p50')}/{ms(s['e2e_ms'], 'p99')} ms; "
+            f"load average {point['load_average']}")

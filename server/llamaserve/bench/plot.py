@@ -52,5 +52,5 @@ def plot_results(results: list[dict], path: Path, title: str | None = None) -> N
         ax.legend(fontsize=7)
     fig.suptitle(title or "llamaserve bench")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=80, pil_kwargs={"optimize": True})  # small enough to commit
+    fig.savefig(path, format="png", dpi=72, pil_kwargs={"optimize": True})  # small enough to commit
     plt.close(fig)

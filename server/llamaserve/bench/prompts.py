@@ -25,8 +25,8 @@ def load_prompts(path: Path = PROMPT_SET) -> list[PromptSpec]:
 def sample_prompts(prompts: list[PromptSpec], count: int, seed: int, max_input_tokens: int | None = None,
                    max_output_tokens: int | None = None) -> list[PromptSpec]:
     """`count` requests drawn from the set (without replacement while it lasts), the same ones for the same
-    seed, so every point of a sweep and every server compared sends the same requests. Prompts longer than
-    `max_input_tokens` are left out; outputs are capped at `max_output_tokens`."""
+    seed, so every server compared gets the same requests. Prompts longer than `max_input_tokens` are left
+    out; outputs are capped at `max_output_tokens`."""
     pool = [p for p in prompts if max_input_tokens is None or p.input_tokens <= max_input_tokens]
     if not pool:
         raise ValueError(f"no prompt of the set has at most {max_input_tokens} input tokens")
