@@ -131,9 +131,9 @@ def test_the_answer_streams_in_and_the_stop_button_aborts_it(page, server):
     page.locator(".stop-button").click()
     page.locator(".stop-button").wait_for(state="hidden")
     deadline = time.monotonic() + 30
-    while scrape(http).get("llamaserve_request_success_total", finished_reason="abort") == aborted:
+    while (scrape(http).get("llamaserve_request_success_total", finished_reason="abort") == aborted
+           or http.get("/health").json()["num_running"] > 0):  # the engine's count follows its next message
         assert time.monotonic() < deadline, "the server did not abort the stopped request"
         time.sleep(0.2)
-    assert http.get("/health").json()["num_running"] == 0
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground-stopped.png"), full_page=True)

@@ -119,7 +119,9 @@ def test_the_raw_stream_is_tgi_sse_and_the_compat_route_switches_on_stream(http,
 
     answer = http.post("/", json=body).json()
     assert isinstance(answer, list) and answer == [{"generated_text": events[-1]["generated_text"]}]
-    assert http.post("/generate", json=body).json() == answer[0]  # no details unless asked
+    generated = http.post("/generate", json=body)
+    assert generated.json() == answer[0]  # no details unless asked
+    assert generated.headers["x-generated-tokens"] == "3" and int(generated.headers["x-prompt-tokens"]) == 5
     assert greedy.startswith(answer[0]["generated_text"])
 
 
@@ -236,7 +238,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "country"
 @pytest.mark.xfail(strict=True, reason="the engine does not enforce SamplingParams.structured yet (it lands with "
                    "the grammar engine); the API side is done: a TGI grammar becomes StructuredOutput")
 def test_a_grammar_constrains_the_text(hf):
-    city = hf.text_generation("Describe Paris as JSON:", max_new_tokens=30,
+    city = hf.text_generation("Describe Paris as JSON:", max_new_tokens=24,
                               grammar={"type": "json", "value": SCHEMA})
     assert set(json.loads(city)) == {"name", "country"}
     answer = hf.text_generation("Is the sky blue?", max_new_tokens=3, grammar={"type": "regex", "value": "(yes|no)"})

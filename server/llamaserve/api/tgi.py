@@ -265,8 +265,7 @@ class Plan:
 
     request: GenerateRequest
     prompt_ids: list[int]
-    seed: int | None  # choice j's seed is seed + j; None: greedy (or seeded by nobody)
-    sampling: bool
+    seed: int | None  # choice j's seed is seed + j; None: greedy
     generation: Generation
 
 
@@ -305,7 +304,7 @@ class TGIServing:
     async def generate(self, request: GenerateRequest, raw: Request, as_list: bool = False) -> Response:
         """The whole answer; `as_list`: inside a one-element list, as TGI's compat route answers."""
         plan = await self._admit(request, raw, stream=False)
-        deltas, usage = await plan.generation.collect(raw)
+        deltas, _ = await plan.generation.collect(raw)
         sequences = [self._sequence(plan, i, ds) for i, ds in deltas.items()]
         best = max(range(len(sequences)), key=lambda i: sequences[i].mean_logprob)
         params, prefix = request.parameters, request.inputs if request.parameters.return_full_text else ""
@@ -323,8 +322,8 @@ class TGIServing:
         answer = GenerateResponse(generated_text=prefix + sequences[best].generated_text, details=details)
         response = (Response(f"[{answer.model_dump_json()}]", media_type="application/json") if as_list
                     else json_response(answer))
-        response.headers["x-prompt-tokens"] = str(usage.prompt_tokens)
-        response.headers["x-generated-tokens"] = str(usage.completion_tokens)
+        response.headers["x-prompt-tokens"] = str(len(plan.prompt_ids))  # as TGI's
+        response.headers["x-generated-tokens"] = str(len(sequences[best].tokens))
         return response
 
     async def generate_stream(self, request: GenerateRequest, raw: Request) -> Response:
@@ -392,7 +391,7 @@ class TGIServing:
         logprobs = (params.top_n_tokens or 0) if wants_logprobs else None
         generation = self.serving.admit_prompt(raw, completion, prompt_ids, f"tgi-{uuid.uuid4().hex}", logprobs,
                                                _structured(params.grammar))
-        return Plan(request, prompt_ids, seed if params.sampling else None, params.sampling, generation)
+        return Plan(request, prompt_ids, seed if params.sampling else None, generation)
 
     def _max_new_tokens(self, num_input_tokens: int, requested: int | None) -> int:
         """max_new_tokens checked against the context in TGI's words; None: whatever the context leaves."""
