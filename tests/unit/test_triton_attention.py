@@ -2,10 +2,12 @@
 
 TRITON_INTERPRET=1 must be set before triton is first imported, and another test may already have imported
 it in this process; so the kernel checks run in one child process (this module run as a script), which
-reports a JSON line per case, and the tests here read their case from it. Shapes are small: the interpreter
+reports a JSON line per case, and the tests here read their case from it. A second child, without the
+interpreter, compiles every kernel for sm_90 and sm_80 (no GPU needed). Shapes are small: the interpreter
 runs every program of a grid one after another in numpy.
 """
 
+import importlib.util
 import json
 import os
 import random
@@ -64,17 +66,24 @@ def test_metadata_device_layout():
 # ---- in the child process: the kernels ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kernel_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "tests.unit.test_triton_attention"], cwd=ROOT, env=env,
+def run_child(what: str, interpret: bool) -> dict:
+    """This module as a script in a fresh process; its JSON lines merged into one dict."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-m", "tests.unit.test_triton_attention", what], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     results = {}
     for line in done.stdout.splitlines():
         if line.startswith("{"):
             results.update(json.loads(line))
-    assert results, f"the kernel checks reported nothing (exit {done.returncode}):\n{done.stderr[-3000:]}"
+    assert results, f"the {what} child reported nothing (exit {done.returncode}):\n{done.stderr[-3000:]}"
     return results
+
+
+@pytest.fixture(scope="module")
+def kernel_results() -> dict:
+    return run_child("kernels", interpret=True)
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -90,6 +99,17 @@ def test_kernels_match_the_torch_backend(kernel_results, case, split):
 
 def test_cache_write_skips_padded_tokens(kernel_results):
     assert kernel_results["cache-write-padding"] == {"untouched": True, "written": True}
+
+
+def test_kernels_compile_for_the_gpus():
+    """The interpreter runs kernels without compiling them; this compiles each one (Triton to cubin, with the
+    wheel's ptxas, no GPU needed) for Hopper and Ampere, in the serving dtype and in float32. Its own child:
+    under the interpreter @triton.jit makes no compilable function."""
+    result = run_child("compile", interpret=False)["compile"]
+    if "skipped" in result:
+        pytest.skip(result["skipped"])
+    assert "error" not in result, result.get("error")
+    assert result["compiled"] == result["expected"]
 
 
 def test_model_forward_matches_with_the_triton_backend(kernel_results):
@@ -157,6 +177,51 @@ def cache_write_padding() -> dict:
     return {"untouched": untouched, "written": written}
 
 
+def compile_for_gpus() -> dict:
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from llamaserve.model import triton_kernels as kernels
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        return {"skipped": "this Triton has no NVIDIA backend"}
+    int_tensors = {"slot_ptr", "block_table_ptr", "seq_lens_ptr", "query_start_ptr", "decode_seqs_ptr",
+                   "prefill_seqs_ptr"}
+
+    def signature(fn, dtype: str, constexprs: dict) -> dict:
+        def kind(name):
+            if name in constexprs:
+                return "constexpr"
+            if name in int_tensors:
+                return "*i64"
+            if name.endswith("_ptr"):
+                return "*fp32" if name.startswith("part_") else f"*{dtype}"
+            return "fp32" if name == "scale" else "i32"
+        return {name: kind(name) for name in fn.arg_names}
+
+    head = dict(HEAD_DIM=128, HEAD_DIM_P2=128)
+    compiled = 0
+    builds = []
+    for dtype, dot in (("bf16", tl.bfloat16), ("fp32", tl.float32)):
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        attend = dict(**head, BLOCK_SIZE=16, BLOCK_N=32, DOT_DTYPE=dot, DOT_PRECISION=precision)
+        builds += [
+            (kernels.cache_write_kernel, dtype, dict(NUM_KV_HEADS=8, HEADS_P2=8, **head)),
+            (kernels.decode_kernel, dtype, dict(NUM_HEADS=32, QUERIES_PER_KV=4, GROUP_P2=16, SPLIT=True, **attend)),
+            (kernels.decode_kernel, dtype, dict(NUM_HEADS=32, QUERIES_PER_KV=4, GROUP_P2=16, SPLIT=False, **attend)),
+            (kernels.decode_reduce_kernel, dtype, dict(NUM_HEADS=32, SPLITS_P2=4, **head)),
+            (kernels.prefill_kernel, dtype, dict(QUERIES_PER_KV=4, GROUP_P2=4, BLOCK_Q=16, **attend)),
+        ]
+    targets = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
+    for target in targets:
+        for fn, dtype, constexprs in builds:
+            triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs), target=target)
+            compiled += 1
+    return {"compiled": compiled, "expected": len(targets) * len(builds)}
+
+
 def model_case() -> dict:
     """Whole forwards of a tiny checkpoint, torch backend against triton, over mixed prefill/decode steps."""
     from llamaserve.model.attention import allocate_kv_cache
@@ -197,7 +262,7 @@ def model_case() -> dict:
     return {"max_diff": worst, "backend": model.attn_backend.name}
 
 
-def run_child() -> None:
+def child(what: str) -> None:
     def report(name, check, **kwargs):
         try:
             result = check(**kwargs)
@@ -205,6 +270,9 @@ def run_child() -> None:
             result = {"error": traceback.format_exc()}
         print(json.dumps({name: result}), flush=True)
 
+    if what == "compile":
+        report("compile", compile_for_gpus)
+        return
     for case, options in KERNEL_CASES.items():
         for split, partition in SPLITS.items():
             report(f"{case}/{split}", kernel_case, **options, partition=partition)
@@ -213,4 +281,4 @@ def run_child() -> None:
 
 
 if __name__ == "__main__":
-    run_child()
+    child(sys.argv[1])

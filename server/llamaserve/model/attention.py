@@ -162,9 +162,9 @@ DECODE_BUCKET_RATIO = 1.5
 
 
 class TorchAttentionBackend:
-    """Reference backend in plain torch (CPU and GPU), and the oracle of the others' tests. Decodes of similar context length share one
-    SDPA call; each prefill chunk gets its own, so a long prompt never pads the decodes to its length.
-    K/V are gathered a whole block at a time: contiguous copies of block_size tokens."""
+    """Reference backend in plain torch (CPU and GPU), and the oracle the others are tested against.
+    Decodes of similar context length share one SDPA call; each prefill chunk gets its own, so a long
+    prompt never pads the decodes to its length. K/V are gathered a whole block at a time: contiguous copies of block_size tokens."""
 
     name = "torch"
 

@@ -104,16 +104,16 @@ class TritonAttentionBackend:
             decode_kernel[(plan.num_decodes, self.num_kv_heads, plan.num_splits)](
                 out, part_out, part_max, part_sum, q, k_cache, v_cache,
                 meta.block_table, meta.seq_lens_tensor, meta.query_start_loc, meta.decode_seqs,
-                self.scale, plan.partition_size, *strides,
+                self.scale, plan.partition_size, plan.num_splits, *strides,
                 NUM_HEADS=self.num_heads, QUERIES_PER_KV=self.queries_per_kv,
-                GROUP_P2=_pow2(self.queries_per_kv, 16), BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=plan.num_splits,
+                GROUP_P2=_pow2(self.queries_per_kv, 16), BLOCK_N=DECODE_BLOCK_N, SPLIT=plan.num_splits > 1,
                 **common,
             )
             if plan.num_splits > 1:
                 decode_reduce_kernel[(plan.num_decodes, self.num_heads)](
                     out, part_out, part_max, part_sum, meta.query_start_loc, meta.decode_seqs,
-                    out.stride(0), out.stride(1),
-                    NUM_HEADS=self.num_heads, NUM_SPLITS=plan.num_splits, SPLITS_P2=_pow2(plan.num_splits),
+                    plan.num_splits, out.stride(0), out.stride(1),
+                    NUM_HEADS=self.num_heads, SPLITS_P2=_pow2(plan.num_splits),
                     HEAD_DIM=self.head_dim, HEAD_DIM_P2=_pow2(self.head_dim, 16),
                 )
         if plan.num_prefills:

@@ -66,48 +66,50 @@ def _attend_tile(
 
 @triton.jit
 def decode_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_dim]: written when NUM_SPLITS == 1
-    part_out_ptr, part_max_ptr, part_sum_ptr,  # [num_decodes, num_heads, NUM_SPLITS(, head_dim)] float32
+    out_ptr,  # [num_tokens, num_heads, head_dim]: written when not SPLIT
+    part_out_ptr, part_max_ptr, part_sum_ptr,  # [num_decodes, num_heads, num_splits(, head_dim)] float32
     q_ptr, k_cache_ptr, v_cache_ptr,
     block_table_ptr, seq_lens_ptr, query_start_ptr, decode_seqs_ptr,
-    scale, partition_size,
+    scale, partition_size, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
     NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (num_decodes, num_kv_heads, NUM_SPLITS): one new token's query heads of one KV head over one
-    partition of its context (the whole context when NUM_SPLITS == 1)."""
+    """Grid (num_decodes, num_kv_heads, num_splits): one new token's query heads of one KV head over one
+    partition of its context (the whole context when not SPLIT). The split count is a runtime value, so
+    that a new count does not compile a new kernel."""
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq = tl.load(decode_seqs_ptr + i)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)  # positions are int32, addresses int64
     token = tl.load(query_start_ptr + seq)
     g = tl.arange(0, GROUP_P2)
     heads = kv_head * QUERIES_PER_KV + g  # [GROUP_P2]
     d = tl.arange(0, HEAD_DIM_P2)
     row_mask = g < QUERIES_PER_KV
     q_mask = row_mask[:, None] & (d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0).to(DOT_DTYPE)
+    q_offset = token * stride_qt + heads * stride_qh  # [GROUP_P2]
+    q = tl.load(q_ptr + q_offset[:, None] + d[None, :], mask=q_mask, other=0.0).to(DOT_DTYPE)
     m = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_P2], tl.float32)
     acc = tl.zeros([GROUP_P2, HEAD_DIM_P2], tl.float32)
     start = split * partition_size
     end = tl.minimum(seq_len, start + partition_size)
-    limit = seq_len + tl.zeros([GROUP_P2], tl.int64)  # a decode token sees its whole context
+    limit = seq_len + tl.zeros([GROUP_P2], tl.int32)  # a decode token sees its whole context
     table_row = block_table_ptr + seq * stride_bt
     for n in range(start, end, BLOCK_N):
         m, l, acc = _attend_tile(q, m, l, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, n, end, limit, scale,
                                  stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_P2,
                                  DOT_DTYPE, DOT_PRECISION)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / l[:, None]
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         # An empty partition (start >= seq_len) leaves max -inf and sum 0: the reduce weighs it 0.
-        part = (i * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_P2]
+        part = (i * NUM_HEADS + heads) * num_splits + split  # [GROUP_P2]
         tl.store(part_max_ptr + part, m, mask=row_mask)
         tl.store(part_sum_ptr + part, l, mask=row_mask)
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
@@ -116,8 +118,8 @@ def decode_kernel(
 @triton.jit
 def decode_reduce_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, query_start_ptr, decode_seqs_ptr,
-    stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    num_splits, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, SPLITS_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
 ):
     """Grid (num_decodes, num_heads): combine the partitions' (max, sum, output) into the softmax over all."""
@@ -126,8 +128,8 @@ def decode_reduce_kernel(
     token = tl.load(query_start_ptr + tl.load(decode_seqs_ptr + i))
     s = tl.arange(0, SPLITS_P2)
     d = tl.arange(0, HEAD_DIM_P2)
-    part = (i * NUM_HEADS + head) * NUM_SPLITS + s  # [SPLITS_P2]
-    split_mask = s < NUM_SPLITS
+    part = (i * NUM_HEADS + head) * num_splits + s  # [SPLITS_P2]
+    split_mask = s < num_splits
     m = tl.load(part_max_ptr + part, mask=split_mask, other=float("-inf"))
     l = tl.load(part_sum_ptr + part, mask=split_mask, other=0.0)
     acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
@@ -154,10 +156,10 @@ def prefill_kernel(
     q_block = tl.program_id(2)
     seq = tl.load(prefill_seqs_ptr + i)
     q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    q_len = (tl.load(query_start_ptr + seq + 1) - q_start).to(tl.int32)  # positions are int32, addresses int64
     if q_block * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     context_len = seq_len - q_len  # tokens cached before this chunk
     rows = tl.arange(0, BLOCK_Q * GROUP_P2)
     q_index = q_block * BLOCK_Q + rows // GROUP_P2  # [ROWS] new token within the chunk
@@ -169,7 +171,7 @@ def prefill_kernel(
     q_offset = (q_start + q_index) * stride_qt + heads * stride_qh  # [ROWS]
     q = tl.load(q_ptr + q_offset[:, None] + d[None, :], mask=q_mask, other=0.0).to(DOT_DTYPE)
     # Masked rows keep a limit >= 0, so position 0 keeps their running max finite too.
-    limit = (context_len + q_index).to(tl.int64)  # [ROWS] last position each row may see
+    limit = context_len + q_index  # [ROWS] last position each row may see
     end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)  # past the block's last query: nothing
     m = tl.full([BLOCK_Q * GROUP_P2], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q * GROUP_P2], tl.float32)
