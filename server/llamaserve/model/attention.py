@@ -11,6 +11,7 @@ kernels (triton_attention) and FlashInfer (flashinfer_attention) serve CUDA devi
 """
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,30 +108,39 @@ def select_attention_backend(
     name: str, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
 ) -> AttentionBackend:
     """`name`: one of ATTENTION_BACKENDS. "auto" on CUDA: FlashInfer where it is installed and serves the
-    shape, else the Triton kernels; elsewhere the torch backend. An explicit name that cannot serve raises."""
+    shape (the Triton kernels if it then fails to start), else the Triton kernels; elsewhere the torch
+    backend. An explicit name that cannot serve raises ValueError."""
     from .flashinfer_attention import flashinfer_unsupported
 
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {name!r}")
     device = torch.device(device)
+    heads = (num_heads, num_kv_heads, head_dim)
+    has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
         if device.type != "cuda":
-            name = "torch"
-        elif flashinfer_unsupported(device, dtype, head_dim) is None:
-            name = "flashinfer"
-        else:
-            name = "triton" if importlib.util.find_spec("triton") is not None else "torch"
+            return TorchAttentionBackend(*heads)
+        if flashinfer_unsupported(device, dtype, head_dim) is None:
+            try:
+                return _flashinfer(*heads, device, dtype)
+            except Exception as e:  # installed but broken (a CUDA or torch ABI mismatch): serve on
+                log.warning("FlashInfer is installed but did not start (%s); using the next backend", e)
+        name = "triton" if has_triton else "torch"
     if name == "torch":
-        return TorchAttentionBackend(num_heads, num_kv_heads, head_dim)
+        return TorchAttentionBackend(*heads)
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not has_triton:
             raise ValueError("the triton attention backend needs the triton package")
         from .triton_attention import TritonAttentionBackend
 
-        return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, device)
+        return TritonAttentionBackend(*heads, device)
     reason = flashinfer_unsupported(device, dtype, head_dim)
     if reason is not None:
         raise ValueError(f"the flashinfer attention backend cannot serve: {reason}")
+    return _flashinfer(*heads, device, dtype)
+
+
+def _flashinfer(num_heads, num_kv_heads, head_dim, device, dtype) -> AttentionBackend:
     from .flashinfer_attention import FlashInferAttentionBackend
 
     return FlashInferAttentionBackend(num_heads, num_kv_heads, head_dim, device, dtype)
