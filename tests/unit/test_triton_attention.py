@@ -63,6 +63,15 @@ def test_metadata_device_layout():
     assert (meta.decode_seqs.tolist(), meta.prefill_seqs.tolist()) == ([1], [0, 2])
 
 
+def test_engine_and_model_import_without_the_api_packages():
+    """The GPU machines have torch, triton and transformers but no fastapi, uvicorn or flashinfer."""
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'sse_starlette', 'flashinfer'): sys.modules[name] = None\n"
+            "import llamaserve.engine.core, llamaserve.model.triton_attention, llamaserve.model.flashinfer_attention\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # ---- in the child process: the kernels ---------------------------------------------------------------
 
 
