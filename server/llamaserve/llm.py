@@ -95,6 +95,8 @@ class LLM:
             pending[request_id] = _Pending(result, p, self.tokenizer)
             results.append(result)
         while pending:
+            if not self.engine.has_work():  # only structured-output requests whose grammars compile
+                self.engine.wait_for_grammars()
             for output in self.engine.step():
                 state = pending.get(output.request_id)
                 if state is not None and state.add(output):
