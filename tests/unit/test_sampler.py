@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llamaserve.model.sampler import Sampler, SamplingBatch, process_logits, unpack_bitmask
+from llamaserve.model.sampler import Sampler, SamplingBatch, forbidden_tokens, process_logits
 from llamaserve.sampling_params import SamplingParams
 
 VOCAB = 8
@@ -216,13 +216,13 @@ def constrained_batch(params, allowed: dict[int, set[int]], vocab, generators=No
     )
 
 
-def test_unpack_bitmask_reads_every_bit_of_a_ragged_vocab():
+def test_forbidden_tokens_reads_every_bit_of_a_ragged_vocab():
     vocab = 70  # three words, the last one partly used
     allowed = [{0, 31, 32, 63, 69}, set(), set(range(vocab))]
-    got = unpack_bitmask(bitmask_of(allowed, vocab), vocab)
+    got = forbidden_tokens(bitmask_of(allowed, vocab), vocab)
     assert got.shape == (3, vocab) and got.dtype == torch.bool
     for row, tokens in enumerate(allowed):
-        assert set(got[row].nonzero().flatten().tolist()) == tokens
+        assert set((~got[row]).nonzero().flatten().tolist()) == tokens
 
 
 def test_grammar_mask_holds_constrained_rows_and_leaves_the_others_alone():

@@ -138,11 +138,12 @@ def _token_counts(token_ids: list[list[int]], vocab_size: int, device) -> Tensor
     return counts[:, :vocab_size]
 
 
-def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
-    """[rows, ceil(vocab / 32)] int32 -> [rows, vocab] bool: bit j of word i is token 32 i + j."""
+def forbidden_tokens(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """[rows, ceil(vocab / 32)] int32 -> [rows, vocab] bool, True where the bit of the token (bit j of word i
+    is token 32 i + j) is clear."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # [32]
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]; & 1 drops the sign's copies
-    return bits.flatten(1)[:, :vocab_size].bool()
+    return (bits == 0).flatten(1)[:, :vocab_size]
 
 
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
@@ -163,9 +164,12 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
             pen = pen - batch.frequency_penalty * counts - batch.presence_penalty * (counts > 0)
         logits.index_copy_(0, batch.penalty_rows, pen)
     if batch.grammar_rows is not None:
-        allowed = unpack_bitmask(batch.grammar_bitmask, logits.shape[-1])  # [num_constrained, vocab]
-        constrained = logits.index_select(0, batch.grammar_rows).masked_fill_(~allowed, float("-inf"))
-        logits.index_copy_(0, batch.grammar_rows, constrained)
+        forbidden = forbidden_tokens(batch.grammar_bitmask, logits.shape[-1])  # [num_constrained, vocab]
+        if len(batch.grammar_rows) == len(logits):  # every row (n choices of one request): no gather
+            logits.masked_fill_(forbidden, float("-inf"))
+        else:
+            constrained = logits.index_select(0, batch.grammar_rows).masked_fill_(forbidden, float("-inf"))
+            logits.index_copy_(0, batch.grammar_rows, constrained)
     return logits
 
 
