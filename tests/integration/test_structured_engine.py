@@ -176,6 +176,19 @@ def test_structural_tag_outputs_are_one_valid_tool_call(core, tokenizer, prompt)
     assert names == set(tools)
 
 
+def test_a_structural_tag_can_name_a_special_token(core, tokenizer, prompt):
+    """Tool-call formats are often made of special tokens: a tag may begin with one, by id or by string."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    for begin in ({"type": "token", "token": 1}, "<|im_start|>"):
+        tag = StructuredOutput("structural_tag", json.dumps({"type": "structural_tag", "format": {
+            "type": "tag", "begin": begin, "end": "</call>",
+            "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}}}))
+        results = generate(core, {str(i): (prompt, p) for i, p in enumerate(sampled(tag, 4))})
+        for request_id, text in texts_of(tokenizer, results).items():
+            assert token_ids(results[request_id])[0] == 1  # <|im_start|>, dropped from the text
+            assert re.fullmatch(r'\{\s?"n"\s?:\s?[0-9]\s?\}</call>', text), text  # one space at most
+
+
 def test_special_and_control_tokens_never_enter_a_json_string(checkpoint, core):
     """Detokenization drops special tokens, and JSON refuses raw control characters: neither may be sampled
     inside a string (xgrammar alone allows both, control characters in length-bounded strings)."""

@@ -75,18 +75,23 @@ def choice_grammar(spec: str) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in dict.fromkeys(choices))
 
 
-def load_tokenizer_infos(checkpoint: Path, vocab_size: int, stop_token_ids: Sequence[int]) -> tuple:
-    """xgrammar's views of the checkpoint's vocabulary (tokenizer.json), sized to the model's logits: one
-    for every kind of constraint, and one for JSON schemas.
+# The vocabulary view each kind of constraint compiles against (see load_tokenizer_infos).
+VIEW_OF_KIND = {"json": "json", "regex": "text", "choice": "text", "grammar": "text", "structural_tag": "tags"}
 
-    Blank tokens are never allowed (the stop tokens still end a finished grammar), so:
-    - the tokenizer's special tokens are blanked in both: xgrammar would otherwise take "<|im_start|>" for
-      text that may appear inside a JSON string, but detokenization drops special tokens, so the text the
-      client gets would break the grammar;
-    - the JSON view also blanks every token with a control character (bytes 0x00-0x1f) in it. JSON text
-      without free whitespace never holds one raw (strings escape them), but xgrammar 0.2.9 lets a string
-      with minLength/maxLength take any character but quote, backslash, CR and LF: "\x02" came out, which
-      JSON parsers refuse.
+
+def load_tokenizer_infos(checkpoint: Path, vocab_size: int, stop_token_ids: Sequence[int]) -> dict:
+    """xgrammar's views of the checkpoint's vocabulary (tokenizer.json), sized to the model's logits, by name.
+
+    A blank token is never allowed (the stop tokens still end a finished grammar), which each view uses:
+    - "text" (regex, choice, EBNF) blanks the tokenizer's special tokens. xgrammar would otherwise take
+      "<|im_start|>" for text that can stand inside a match, but detokenization drops special tokens, so
+      the text the client gets would break the constraint;
+    - "json" also blanks every token with a control character (bytes 0x00-0x1f) in it. JSON without free
+      whitespace never holds one raw (strings escape them), but xgrammar 0.2.9 lets a string with
+      minLength/maxLength take any character but quote, backslash, CR and LF: "\x02" came out, which JSON
+      parsers refuse;
+    - "tags" (structural tags) keeps every token as the tokenizer has it: tool-call formats are often made
+      of special tokens (Llama 3.1's <|python_tag|>), which a structural tag names by string or by id.
     """
     path = Path(checkpoint) / "tokenizer.json"
     if not path.is_file():
@@ -96,7 +101,7 @@ def load_tokenizer_infos(checkpoint: Path, vocab_size: int, stop_token_ids: Sequ
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
     stop = list(stop_token_ids) or None  # None: xgrammar finds the tokenizer's EOS itself
-    detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
+    tags = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
     encoded = [""] * vocab_size  # ids the tokenizer lacks (a padded lm_head) stay blank: never allowed
     for token, token_id in tokenizer.get_vocab().items():
         if token_id < vocab_size:
@@ -104,14 +109,13 @@ def load_tokenizer_infos(checkpoint: Path, vocab_size: int, stop_token_ids: Sequ
     for token_id, added in tokenizer.added_tokens_decoder.items():
         if added.special and token_id < vocab_size:
             encoded[token_id] = ""
-    json_encoded = ["" if any(b < 0x20 for b in text) else token
-                    for token, text in zip(encoded, detected.decoded_vocab)]
+    json_encoded = ["" if any(b < 0x20 for b in text) else token for token, text in zip(encoded, tags.decoded_vocab)]
 
     def info(vocab: list[str]):
-        return xgr.TokenizerInfo(vocab, detected.vocab_type, vocab_size=vocab_size,
-                                 stop_token_ids=detected.stop_token_ids, add_prefix_space=detected.add_prefix_space)
+        return xgr.TokenizerInfo(vocab, tags.vocab_type, vocab_size=vocab_size, stop_token_ids=tags.stop_token_ids,
+                                 add_prefix_space=tags.add_prefix_space)
 
-    return info(encoded), info(json_encoded)
+    return {"text": info(encoded), "json": info(json_encoded), "tags": tags}
 
 
 class GrammarManager:
@@ -133,13 +137,20 @@ class GrammarManager:
         self.misses = 0
 
     @staticmethod
-    def _make_compilers(checkpoint: Path, vocab_size: int, stop_token_ids: Sequence[int]) -> tuple:
-        """(for every kind, for JSON schemas); see load_tokenizer_infos."""
-        infos = load_tokenizer_infos(checkpoint, vocab_size, stop_token_ids)
-        import xgrammar as xgr
-
+    def _make_compilers(checkpoint: Path, vocab_size: int, stop_token_ids: Sequence[int]) -> dict:
+        """A compiler per vocabulary view (see load_tokenizer_infos), by view name."""
+        try:
+            infos = load_tokenizer_infos(checkpoint, vocab_size, stop_token_ids)
+            import xgrammar as xgr
+        except GrammarError:
+            raise
+        except Exception as e:  # a tokenizer.json that cannot be read: logged once, then every compile says so
+            log.exception("structured output is unavailable")
+            raise GrammarError(f"structured output is unavailable: the checkpoint's tokenizer cannot be read "
+                               f"({type(e).__name__}: {e})") from e
         # xgrammar's own cache is unbounded: ours (bounded, failures included) replaces it.
-        return tuple(xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS, cache_enabled=False) for info in infos)
+        return {name: xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS, cache_enabled=False)
+                for name, info in infos.items()}
 
     def compile(self, structured: StructuredOutput) -> Future:
         """The compiled grammar of a constraint, as a Future; it raises GrammarError when the constraint
@@ -157,13 +168,13 @@ class GrammarManager:
         return future
 
     def _compile(self, structured: StructuredOutput):
-        compiler, json_compiler = self._compilers.result()  # raises the GrammarError of a missing tokenizer
         kind, spec = structured.kind, structured.spec
+        compiler = self._compilers.result()[VIEW_OF_KIND[kind]]  # raises the GrammarError of a missing tokenizer
         try:
             if kind == "json":
                 # No free whitespace: a small model sampled at temperature 1 otherwise emits it forever.
                 # Strict: no properties or items the schema does not name, so outputs validate.
-                return json_compiler.compile_json_schema(spec, any_whitespace=False, strict_mode=True)
+                return compiler.compile_json_schema(spec, any_whitespace=False, strict_mode=True)
             if kind == "regex":
                 return compiler.compile_regex(spec)
             if kind == "choice":
