@@ -95,7 +95,13 @@ class LLM:
             pending[request_id] = _Pending(result, p, self.tokenizer)
             results.append(result)
         while pending:
+            if not self.engine.has_work():  # only structured-output requests whose grammars compile
+                self.engine.wait_for_grammars()
             for output in self.engine.step():
+                if output.error_type == "invalid_request":  # a constraint that cannot be used
+                    prompt_index = results.index(pending[output.request_id].result)
+                    self.engine.abort([i for i in pending if i != output.request_id])
+                    raise ValueError(f"prompt {prompt_index}: {output.error}")
                 state = pending.get(output.request_id)
                 if state is not None and state.add(output):
                     del pending[output.request_id]

@@ -74,8 +74,9 @@ CASES = [
     (COMPLETIONS, {"prompt": [[1, 2]] * 65, "max_tokens": 1}, 400, "prompt"),
     (CHAT, {"messages": [{"role": "user", "content": "x" * (16 * 2**20)}]}, 413, None),
     # what the server cannot do yet is refused, not silently dropped
-    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    (CHAT, {"messages": MESSAGES, "tool_choice": "auto"}, 400, "tool_choice"),
+    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f g"}}]}, 400,
+     "tools.0.function.name"),
+    (CHAT, {"messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
     (CHAT, {"messages": MESSAGES, "functions": [{"name": "f"}]}, 400, "functions"),
     (CHAT, {"messages": MESSAGES, "function_call": {"name": "f"}}, 400, "function_call"),
     (CHAT, {"messages": MESSAGES, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
@@ -136,7 +137,7 @@ def test_errors_say_what_is_refused(http):
 
     image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
     assert "text only" in message(CHAT, {"messages": [{"role": "user", "content": image}]})
-    assert "not supported yet" in message(CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]})
+    assert "not supported yet" in message(CHAT, {"messages": MESSAGES, "functions": [{"name": "f"}]})
     assert "--max-stop-strings" in message(CHAT, {"messages": MESSAGES, "stop": ["x"] * 17})
     assert "--max-n" in message(CHAT, {"messages": MESSAGES, "n": 1000})
     assert "--max-prompts-per-request" in message(COMPLETIONS, {"prompt": ["a"] * 100})

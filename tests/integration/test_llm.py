@@ -1,8 +1,11 @@
 """The offline API on the embedded default model."""
 
+import json
+
 import pytest
 
 from llamaserve import LLM, SamplingParams
+from llamaserve.sampling_params import StructuredOutput
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -49,3 +52,14 @@ def test_prefix_cache_serves_a_repeated_conversation(llm):
 def test_bad_prompt_is_refused(llm):
     with pytest.raises(ValueError, match="token ids"):
         llm.generate([[1, 2, 10**6]])
+
+
+def test_structured_output_follows_its_schema_and_a_bad_one_is_refused(llm):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    params = SamplingParams(temperature=0, max_tokens=40, structured=StructuredOutput("json", json.dumps(schema)))
+    result = llm.chat(FRANCE, params)[0]
+    assert result.finish_reason == "stop" and set(json.loads(result.text)) == {"city", "country"}
+    bad = SamplingParams(structured=StructuredOutput("regex", "("))
+    with pytest.raises(ValueError, match="prompt 1: the regex cannot be used"):
+        llm.generate(["One", "Two"], [SamplingParams(max_tokens=4), bad])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llamaserve.model.sampler import Sampler, SamplingBatch, process_logits
+from llamaserve.model.sampler import Sampler, SamplingBatch, forbidden_tokens, process_logits
 from llamaserve.sampling_params import SamplingParams
 
 VOCAB = 8
@@ -194,3 +194,103 @@ def test_non_finite_sampling_numbers_are_refused(field, value):
         SamplingParams(**{field: value})
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={1: value})
+
+
+# ---- grammar masks (structured output) ------------------------------------------------------------
+
+
+def bitmask_of(allowed: list[set[int]], vocab: int) -> torch.Tensor:
+    """[rows, ceil(vocab / 32)] int32 in xgrammar's layout: bit j of word i allows token 32 i + j."""
+    words = [[0] * -(-vocab // 32) for _ in allowed]
+    for row, tokens in zip(words, allowed):
+        for t in tokens:
+            row[t // 32] |= 1 << (t % 32)
+    return torch.tensor([[w - 2**32 if w >= 2**31 else w for w in row] for row in words], dtype=torch.int32)
+
+
+def constrained_batch(params, allowed: dict[int, set[int]], vocab, generators=None, outputs=None):
+    rows = sorted(allowed)
+    return SamplingBatch.build(
+        params, generators or [None] * len(params), [[] for _ in params], outputs or [[] for _ in params],
+        vocab, "cpu", rows, bitmask_of([allowed[r] for r in rows], vocab),
+    )
+
+
+def test_forbidden_tokens_reads_every_bit_of_a_ragged_vocab():
+    vocab = 70  # three words, the last one partly used
+    allowed = [{0, 31, 32, 63, 69}, set(), set(range(vocab))]
+    got = forbidden_tokens(bitmask_of(allowed, vocab), vocab)
+    assert got.shape == (3, vocab) and got.dtype == torch.bool
+    for row, tokens in enumerate(allowed):
+        assert set((~got[row]).nonzero().flatten().tolist()) == tokens
+
+
+def test_grammar_mask_holds_constrained_rows_and_leaves_the_others_alone():
+    torch.manual_seed(0)
+    vocab = 70
+    logits = torch.randn(4, vocab)
+    allowed = {1: {5, 40, 69}, 3: {33}}
+    greedy = [SamplingParams(temperature=0)] * 4
+    out = Sampler()(logits, constrained_batch(greedy, allowed, vocab))
+    assert out.token_ids[0] == logits[0].argmax() and out.token_ids[2] == logits[2].argmax()
+    assert out.token_ids[1] == max(allowed[1], key=lambda t: logits[1, t]) and out.token_ids[3] == 33
+    # Sampled rows at a high temperature, with every filter: only allowed tokens are ever drawn.
+    params = [SamplingParams(temperature=2.0, top_k=50, top_p=0.99, min_p=0.001)] * 4
+    batch = constrained_batch(params, allowed, vocab)
+    draws = torch.stack([Sampler()(logits, batch).token_ids for _ in range(300)])  # [300, 4]
+    assert set(draws[:, 1].tolist()) == allowed[1] and set(draws[:, 3].tolist()) == {33}
+    assert len(set(draws[:, 0].tolist())) > 10  # the unconstrained rows still range over the vocabulary
+
+
+def test_no_constrained_row_keeps_the_fast_path():
+    batch = SamplingBatch.build([SamplingParams(temperature=0)] * 2, [None] * 2, [[], []], [[], []], 70, "cpu",
+                                [], None)
+    assert batch.grammar_rows is None and not batch.needs_processing
+    batch = constrained_batch([SamplingParams(temperature=0)] * 2, {0: {1}}, 70)
+    assert batch.needs_processing
+
+
+def test_the_mask_comes_after_bias_and_penalties():
+    vocab = 40
+    logits = torch.zeros(1, vocab)
+    params = SamplingParams(temperature=0, logit_bias={7: 100.0, 3: 3.0}, presence_penalty=2.0)
+    batch = constrained_batch([params], {0: {3, 9}}, vocab, outputs=[[3, 3]])
+    expected = torch.full((1, vocab), float("-inf"))
+    expected[0, 3], expected[0, 9] = 1.0, 0.0  # 3: +3 bias -2 presence; 7: forbidden whatever its bias
+    assert torch.equal(process_logits(logits, batch), expected)
+    assert Sampler()(logits, batch).token_ids.item() == 3
+
+
+def test_logprobs_describe_the_constrained_distribution():
+    torch.manual_seed(1)
+    vocab = 50
+    logits = torch.randn(2, vocab)
+    params = [SamplingParams(temperature=0.7, logprobs=5), SamplingParams(temperature=0, logprobs=5)]
+    out = Sampler()(logits, constrained_batch(params, {0: {2, 4, 8}}, vocab))
+    values, ids = out.top_logprobs
+    assert set(ids[0, :3].tolist()) == {2, 4, 8} and (values[0, 3:] == float("-inf")).all()
+    assert torch.isclose(values[0, :3].exp().sum(), torch.tensor(1.0))  # the mass of the allowed tokens
+    assert torch.allclose(values[1], logits[1].log_softmax(-1).topk(5).values)  # the free row is untouched
+    assert out.token_ids[0].item() in {2, 4, 8} and math.isfinite(out.logprobs[0])
+
+
+def test_a_seeded_constrained_row_draws_the_same_tokens_alone_and_in_a_batch():
+    vocab, steps = 200, 15
+    allowed = set(range(0, vocab, 3))
+    mine = SamplingParams(temperature=1.0, seed=5)
+    step_logits = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(2))
+
+    def run(params, my_row):
+        generators = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+        tokens = []
+        for step in range(steps):
+            logits = torch.randn(len(params), vocab)
+            logits[my_row] = step_logits[step]
+            batch = constrained_batch(params, {my_row: allowed, 0: {1, 2}} if my_row else {0: allowed}, vocab,
+                                      generators)
+            tokens.append(Sampler()(logits, batch).token_ids[my_row].item())
+        return tokens
+
+    alone = run([mine], 0)
+    assert set(alone) <= allowed and len(set(alone)) > 1
+    assert run([SamplingParams(temperature=1.3), SamplingParams(top_k=3), mine], 2) == alone

@@ -318,6 +318,20 @@ def test_stop_conditions(case):
     assert len(request.token_times) == request.num_output_tokens
 
 
+def test_a_completed_grammar_stops_its_request_on_any_token():
+    """Structured output: the runner names the requests whose grammar the sampled token ended."""
+    scheduler = make_scheduler()
+    model = FakeModel(4)
+    done, other = make_request("done", [5, 6, 7], max_tokens=20), make_request("other", [5, 6, 7], max_tokens=20)
+    for request in (done, other):
+        scheduler.add_request(request)
+    output = scheduler.schedule()
+    scheduler.update(output, model.execute(output), completed={"done"})
+    assert done.status.finish_reason == "stop" and done.num_output_tokens == 1
+    assert not other.status.finished
+    scheduler.block_manager.check_integrity()
+
+
 def test_add_request_rejects_requests_that_can_never_fit():
     scheduler = make_scheduler(num_blocks=4, block_size=4, max_model_len=64)
     with pytest.raises(ValueError):

@@ -3,20 +3,30 @@
 Requests are strict (a string where a number belongs is an error, not coerced; NaN and infinities,
 which Python's JSON parser accepts, are refused) and ignore fields they do not know, as OpenAI's API
 does. Ranges are declared on the fields, so a validation error names the parameter. Known OpenAI
-fields that would change the response in ways this server cannot honour yet (audio, echo, ...) are
-refused rather than silently ignored. vLLM's extension fields (top_k, min_p, repetition_penalty,
-ignore_eos, stop_token_ids, priority, structured_outputs and the older guided_*) are accepted under
-vLLM's names.
+fields that would change the response in ways this server cannot honour yet (audio, echo, the
+deprecated functions, ...) are refused rather than silently ignored. vLLM's extension fields (top_k,
+min_p, repetition_penalty, ignore_eos, stop_token_ids, priority, structured_outputs and the older
+guided_*) are accepted under vLLM's names.
 Count limits that are the operator's to set (stop strings, messages, n, ...) are checked in serving.
 """
 
+import json
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -61,10 +71,94 @@ class TextPart(Request):
     text: Text
 
 
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+def _function_name(name: str) -> str:
+    if not FUNCTION_NAME.fullmatch(name):
+        raise PydanticCustomError("function_name", "a function name is 1 to 64 letters, digits, underscores or "
+                                  "dashes; '{name}' is not", {"name": name})
+    return name
+
+
+def _json_text(text: str) -> str:
+    try:
+        json.loads(text)
+    except ValueError as e:
+        raise PydanticCustomError("json_text", "the arguments must be JSON text ({error})", {"error": str(e)}) from None
+    return text
+
+
+FunctionName = Annotated[str, AfterValidator(_function_name)]
+
+
+class FunctionDefinition(Request):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments; None: any JSON object
+    strict: bool | None = None  # false: the arguments are any JSON object, `parameters` only describes them
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _schema_object(cls, parameters: Any) -> Any:
+        if parameters is not None and not isinstance(parameters, dict):
+            raise PydanticCustomError("json_schema", "parameters is a JSON Schema: a JSON object such as "
+                                      "{'type': 'object', 'properties': {...}}")
+        return parameters
+
+
+class ChatTool(Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(Request):
+    name: FunctionName
+
+
+class NamedToolChoice(Request):
+    """Forces one call of this function."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class MessageFunctionCall(Request):
+    name: Text
+    arguments: Annotated[Text, AfterValidator(_json_text)]  # JSON text, as the response gave it
+
+
+class MessageToolCall(Request):
+    """A call an earlier assistant turn made, sent back as conversation history."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: Text | None = Field(None, validate_default=True)  # tool: the call this message answers
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_are_the_assistants(cls, tool_calls: list[MessageToolCall] | None, info: ValidationInfo) -> Any:
+        if tool_calls and info.data.get("role") not in (None, "assistant"):
+            raise PydanticCustomError("assistant_only", "only assistant messages carry tool_calls")
+        return tool_calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_answers_a_call(cls, tool_call_id: str | None, info: ValidationInfo) -> Any:
+        if tool_call_id is None and info.data.get("role") == "tool":
+            raise PydanticCustomError("tool_call_id", "a tool message needs the tool_call_id of the call it answers")
+        return tool_call_id
 
     @field_validator("content", mode="before")
     @classmethod
@@ -143,15 +237,52 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Annotated[list[Any] | None, _unsupported("tool calling", lambda v: not v)] = None
-    tool_choice: Annotated[str | dict[str, Any] | None,
-                           _unsupported("tool calling", lambda v: v in (None, "none"))] = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" when there are tools
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI's default
     functions: Annotated[list[Any] | None, _unsupported("function calling", lambda v: not v)] = None
     function_call: Annotated[str | dict[str, Any] | None,
                              _unsupported("function calling", lambda v: v in (None, "none"))] = None
     modalities: Annotated[list[Text] | None,
                           _unsupported("audio output", lambda v: not v or "audio" not in v)] = None
     audio: Annotated[dict[str, Any] | None, _unsupported("audio output", lambda v: v is None)] = None
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[ChatTool] | None) -> Any:
+        names = [t.function.name for t in tools or ()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise PydanticCustomError("duplicate_function", "function names must be unique; declared more than once: "
+                                      "{names}", {"names": ", ".join(map(repr, twice))})
+        return tools
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _known_choice(cls, choice: Any) -> Any:
+        # Said plainly here: the union's own error for "always" is a literal mismatch and a model mismatch.
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise PydanticCustomError("tool_choice", "tool_choice is 'none', 'auto', 'required' or "
+                                      "{'type': 'function', 'function': {'name': ...}}, not '{choice}'",
+                                      {"choice": choice})
+        return choice
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        if "tools" not in info.data:  # the tools were invalid: that error is the one to report
+            return choice
+        names = [t.function.name for t in info.data["tools"] or ()]
+        if choice == "required" and not names:
+            raise PydanticCustomError("tool_choice", "tool_choice 'required' needs tools to call")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise PydanticCustomError("tool_choice", "tool_choice names the function '{name}', which is not among "
+                                      "the tools", {"name": choice.function.name})
+        return choice
+
+    @property
+    def parallel_calls(self) -> bool:
+        return self.parallel_tool_calls is not False
 
 
 class CompletionRequest(SamplingRequest):
@@ -224,9 +355,29 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]  # where each token's text starts in the choice's text
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str  # "call_" and 24 hex digits
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler):
+        # A plain answer keeps its shape ({"role", "content"}); tool_calls appear only when there are some.
+        message = handler(self)
+        if message["tool_calls"] is None:
+            del message["tool_calls"]
+        return message
 
 
 class ChatChoice(BaseModel):
@@ -246,14 +397,29 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
+class Delta(BaseModel):
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler):
         # OpenAI's deltas carry only what changed: {"content": "..."}, and {} on the last chunk.
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(Delta):
+    name: str | None = None  # on a call's first delta
+    arguments: str | None = None  # "" on the first delta, then the arguments' text piece by piece
+
+
+class DeltaToolCall(Delta):
+    index: int  # the call's position among the choice's calls
+    id: str | None = None  # on a call's first delta
+    type: Literal["function"] | None = None  # on a call's first delta
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(Delta):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

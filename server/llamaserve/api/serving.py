@@ -40,9 +40,12 @@ from llamaserve.api.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCall,
     INT64_MAX,
     LoadLoraAdapterRequest,
     ModelCard,
@@ -51,6 +54,7 @@ from llamaserve.api.protocol import (
     SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCall,
     TopLogprob,
     UnloadLoraAdapterRequest,
     Usage,
@@ -58,6 +62,7 @@ from llamaserve.api.protocol import (
 from llamaserve.api.streaming import event_stream, merge, sse_event
 from llamaserve.api.structured import structured_output
 from llamaserve.api.telemetry import GenerationRecord, Telemetry
+from llamaserve.api.tools import ToolCallDelta, ToolCallParser, ToolCalling, chat_inputs, tool_calling
 from llamaserve.config import ServerConfig
 from llamaserve.engine.client import AsyncEngineClient
 from llamaserve.engine.messages import TokenLogprobs, kv_blocks_needed
@@ -169,10 +174,16 @@ class OpenAIServing:
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         structured = structured_output(request)
-        prompt_ids = await self._off_loop(self._chat_prompt, request.messages)
+        calling = tool_calling(request, self.tokenizer.chat_template)  # None: answers are text only
+        if calling is not None:
+            structured = calling.structured_output(structured)
+        prompt_ids = await self._off_loop(self._chat_prompt, request.messages, True,
+                                          calling.tools if calling is not None else None)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         choices = self._choices(request, [prompt_ids], logprobs, "messages", structured)
         generation = self._admit(raw, response_id, choices, request.priority, lora, record)
+        # Each choice's text split into content and tool calls as it streams.
+        parsers = {c.index: calling.parser() for c in choices} if calling is not None else None
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse_event(ChatCompletionChunk(id=response_id, created=created, model=lora or self.model_name,
@@ -184,7 +195,10 @@ class OpenAIServing:
             usage = UsageCounter(choices)
             async for d in generation.deltas():
                 usage.add(d)
-                if d.text or d.logprobs or d.finish_reason:
+                if parsers is not None:
+                    for choice in self._tool_chunk_choices(parsers[d.index], d, logprobs is not None):
+                        yield chunk([choice])
+                elif d.text or d.logprobs or d.finish_reason:
                     lp = self._chat_logprobs([d]) if logprobs is not None else None
                     choice = ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text or None), logprobs=lp,
                                              finish_reason=d.finish_reason)
@@ -195,15 +209,14 @@ class OpenAIServing:
         if request.stream:
             return await generation.stream(raw, events())
         deltas, usage = await generation.collect(raw)
+        answers = []
+        for i, ds in deltas.items():
+            message, finish_reason = self._chat_message("".join(d.text for d in ds), ds[-1].finish_reason, calling)
+            answers.append(ChatChoice(index=i, message=message, finish_reason=finish_reason,
+                                      logprobs=self._chat_logprobs(ds) if logprobs is not None else None))
         return json_response(ChatCompletion(
             id=response_id, created=created, model=lora or self.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
-            choices=[
-                ChatChoice(index=i, message=AssistantMessage(content="".join(d.text for d in ds)),
-                           logprobs=self._chat_logprobs(ds) if logprobs is not None else None,
-                           finish_reason=ds[-1].finish_reason)
-                for i, ds in deltas.items()
-            ],
-            usage=usage,
+            choices=answers, usage=usage,
         ))
 
     async def completions(self, request: CompletionRequest, raw: Request) -> Response:
@@ -353,10 +366,13 @@ class OpenAIServing:
             raise bad_request(f"'{param}': {count} {what} exceed this server's limit of "
                               f"{getattr(self.config, limit)} (--{limit.replace('_', '-')})", param)
 
-    def _chat_prompt(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    def _chat_prompt(self, messages, add_generation_prompt: bool = True, tools=None) -> list[int]:
+        """`tools`: the tools to show the model (api.tools renders them, and past tool calls, in the
+        template's way or in the default one)."""
         try:
-            return self.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages],
-                                                      add_generation_prompt)
+            conversation, template_tools = chat_inputs([m.model_dump(exclude_none=True) for m in messages], tools,
+                                                       self.tokenizer.chat_template)
+            return self.tokenizer.apply_chat_template(conversation, add_generation_prompt, template_tools)
         except ValueError as e:  # ChatTemplateError: roles out of order, unsupported content, ...
             raise bad_request(str(e), "messages") from None
 
@@ -434,6 +450,34 @@ class OpenAIServing:
         if any(not -100 <= v <= 100 for v in parsed.values()):
             raise bad_request("logit_bias values must be in [-100, 100]", "logit_bias")
         return parsed
+
+    # ---- tool calls -------------------------------------------------------------------------
+
+    def _chat_message(self, text: str, finish_reason: str, calling: ToolCalling | None
+                      ) -> tuple[AssistantMessage, str]:
+        """A whole answer, its tool calls parsed out of it, and its finish reason."""
+        if calling is None:
+            return AssistantMessage(content=text), finish_reason
+        parser = calling.parser()
+        parser.push(text)
+        parser.flush()
+        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parser.calls]
+        content = parser.content if parser.content or not calls else None  # as OpenAI: null beside calls
+        return AssistantMessage(content=content, tool_calls=calls or None), parser.finish_reason(finish_reason)
+
+    def _tool_chunk_choices(self, parser: ToolCallParser, delta: ChoiceDelta, logprobs: bool) -> list[ChatChunkChoice]:
+        """One delta of a choice with tools, as stream chunks: content and call pieces in the order they were
+        generated, each a chunk of its own; the tokens' logprobs ride on the first, the finish on the last."""
+        pieces = parser.push(delta.text) + (parser.flush() if delta.finish_reason else [])
+        messages = [DeltaMessage(content=p) if isinstance(p, str) else DeltaMessage(tool_calls=[_delta_tool_call(p)])
+                    for p in pieces]
+        if not messages and (delta.logprobs or delta.finish_reason):
+            messages = [DeltaMessage()]
+        lp = self._chat_logprobs([delta]) if logprobs else None
+        finish_reason = parser.finish_reason(delta.finish_reason) if delta.finish_reason else None
+        return [ChatChunkChoice(index=delta.index, delta=m, logprobs=lp if k == 0 else None,
+                                finish_reason=finish_reason if k == len(messages) - 1 else None)
+                for k, m in enumerate(messages)]
 
     # ---- engine outputs -> deltas -----------------------------------------------------------
 
@@ -597,6 +641,13 @@ class Generation:
                 await run.aclose()
             self.release()
             raise
+
+
+def _delta_tool_call(piece: ToolCallDelta) -> DeltaToolCall:
+    if piece.id is not None:  # a call's first delta: who is called, and no arguments yet
+        return DeltaToolCall(index=piece.index, id=piece.id, type="function",
+                             function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments))
+    return DeltaToolCall(index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))
 
 
 # ---- HTTP plumbing ----------------------------------------------------------------------------

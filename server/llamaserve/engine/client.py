@@ -41,6 +41,9 @@ from llamaserve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0  # seconds between the stall watchdog's looks (at most: a fraction of the timeout)
+# While grammars compile and nothing else runs, the engine says it is alive this often: a long compile
+# is progress, which the stall watchdog must not take for a wedged engine.
+COMPILE_HEARTBEAT = 5.0
 
 
 class EngineDeadError(RuntimeError):
@@ -75,6 +78,11 @@ class EngineFailed:
 
 class Shutdown:
     pass
+
+
+class GrammarCompiled:
+    """Put in the engine's inbox by a grammar thread: a compile finished, so the idle loop steps again
+    (and admits the request that waited for it)."""
 
 
 def _exit_engine(reason: str) -> None:
@@ -120,21 +128,26 @@ def run_engine_core(config: EngineConfig, conn, log_format: str = "text") -> Non
     from llamaserve.engine.core import EngineCore  # torch is imported in this process only
 
     configure_process("engine", log_format)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
     try:
-        core = EngineCore(config, on_worker_death=_exit_engine)
+        core = EngineCore(config, on_worker_death=_exit_engine, wake=lambda: inbox.put(GrammarCompiled()))
     except Exception as e:  # report why startup failed instead of dying silently
         conn.send(EngineFailed(f"{type(e).__name__}: {e}"))
         raise
     conn.send(EngineReady(core.runner.num_blocks, config.cache.block_size, config.scheduler.max_model_len,
                           core.runner.arch.vocab_size, str(core.runner.checkpoint), config.model.dtype,
                           config.parallel.tensor_parallel_size, config.lora.enabled, dict(core.runner.adapters)))
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
     channel = Channel(conn, inbox.put, "engine")
     idle_wait = config.parallel.distributed_timeout / 4  # tensor-parallel workers hear from rank 0 this often
     try:
         while True:
             refused = []  # outputs for requests the engine cannot run
-            messages = _next_messages(inbox, 0 if core.has_work() else idle_wait)
+            wait = idle_wait
+            if core.has_work():
+                wait = 0
+            elif core.num_compiling:  # a finished compile puts GrammarCompiled in the inbox, ending the wait
+                wait = min(idle_wait, COMPILE_HEARTBEAT)
+            messages = _next_messages(inbox, wait)
             for message in messages:
                 if message is None or isinstance(message, Shutdown):  # None: the API process has gone
                     return
@@ -152,6 +165,8 @@ def run_engine_core(config: EngineConfig, conn, log_format: str = "text") -> Non
                 channel.send(StepOutputs(outputs, copy.copy(core.stats)))
             elif not messages:
                 core.runner.keepalive()
+                if core.num_compiling:
+                    channel.send(StepOutputs([], copy.copy(core.stats)))  # the compile heartbeat
     except Exception:  # a fault no request owns (see llamaserve.engine.faults): the server must restart
         log.exception("the engine cannot go on")
         os._exit(1)

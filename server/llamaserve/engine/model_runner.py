@@ -1,5 +1,9 @@
 """Runs one scheduled step on the model: flat inputs in, one sampled token per sampling request out.
 
+Requests with structured output carry a grammar matcher: rank 0 fills their token bitmasks on a worker
+thread while the forward pass runs, the sampler masks their logits, and each sampled token is then
+accepted into its request's matcher.
+
 With tensor parallelism every rank holds a ModelRunner over its shard of the model: rank 0 (in the
 engine core) builds each step's inputs, broadcasts them, runs its shard and samples; the other ranks
 (llamaserve.engine.workers) run their shards on the same inputs in `follow`.
@@ -17,6 +21,7 @@ import torch.distributed as dist
 from llamaserve.config import EngineConfig
 from llamaserve.engine.messages import TokenLogprobs
 from llamaserve.engine.faults import FatalEngineError, FaultInjector, describe
+from llamaserve.engine.grammar import TokenBitmask
 from llamaserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from llamaserve.engine.workers import WorkerGroup, init_process_group
 from llamaserve.model.architecture import ModelArchitecture
@@ -34,6 +39,7 @@ class RunnerOutput:
     token_ids: dict[str, int]  # request id -> sampled token, for every request that sampled
     logprobs: dict[str, TokenLogprobs]  # only for requests that asked
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed this step
+    completed: set[str] = field(default_factory=set)  # requests whose grammar the sampled token ended
 
 
 @dataclass
@@ -96,6 +102,7 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
+        self.bitmask: TokenBitmask | None = None  # rank 0, from the first step with a constrained request
         self.faults = FaultInjector(config.faults) if config.faults.inject_fault else None
         lora = config.lora
         self.lora = LoraManager(self.model, lora.max_loras, lora.max_lora_rank) if lora.enabled else None
@@ -304,10 +311,19 @@ class ModelRunner:
         inputs = StepInputs.from_step(scheduled)
         if self.lora is not None:
             self._place_adapters(scheduled, inputs)
-        logits = self.run_model(inputs)
-        result = self._sample(logits, [item.request for item in scheduled if item.sample])
-        result.errors = errors
+        sampling = [item.request for item in scheduled if item.sample]
+        constrained = [row for row, r in enumerate(sampling) if r.matcher is not None]
+        masks = self._fill_bitmask([sampling[row].matcher for row in constrained]) if constrained else None
+        logits = self.run_model(inputs)  # the bitmasks fill meanwhile, on their own thread
+        bitmask = masks.result() if masks is not None else None  # [len(constrained), ceil(vocab / 32)]
+        result = self._sample(logits, sampling, constrained, bitmask)
+        result.errors.update(errors)
         return result
+
+    def _fill_bitmask(self, matchers: list):
+        if self.bitmask is None:
+            self.bitmask = TokenBitmask(self.config.scheduler.max_num_seqs, self.arch.vocab_size, self.device)
+        return self.bitmask.fill(matchers)
 
     def _prepare(self, item: ScheduledRequest) -> None:
         """What one request needs of its own before the step runs (its random generator)."""
@@ -319,7 +335,9 @@ class ModelRunner:
         if item.sample:
             self._generator(request)
 
-    def _sample(self, logits: torch.Tensor, requests: list) -> RunnerOutput:
+    def _sample(self, logits: torch.Tensor, requests: list, constrained: list[int],
+                bitmask: torch.Tensor | None) -> RunnerOutput:
+        """`constrained`: the rows of `requests` with a grammar, whose allowed tokens are `bitmask`'s rows."""
         if not requests:
             return RunnerOutput({}, {})
         batch = SamplingBatch.build(
@@ -329,6 +347,8 @@ class ModelRunner:
             [r.output_token_ids for r in requests],
             self.arch.vocab_size,
             self.device,
+            constrained,
+            bitmask,
         )
         out = self.sampler(logits, batch)
         token_ids = out.token_ids.tolist()  # the step's one device-to-host sync
@@ -342,7 +362,19 @@ class ModelRunner:
                     result.logprobs[r.request_id] = TokenLogprobs(
                         logprobs[row], list(zip(top_ids[row][:k], top_values[row][:k]))
                     )
+        for row in constrained:
+            self._accept(requests[row], token_ids[row], result)
         return result
+
+    @staticmethod
+    def _accept(request, token_id: int, result: RunnerOutput) -> None:
+        """A constrained request's token into its matcher. A token the grammar refuses (the mask and the
+        matcher disagree: it should never happen) fails that request alone; a token that ends the grammar
+        ends the request."""
+        if not request.matcher.accept_token(token_id):
+            result.errors[request.request_id] = f"the sampled token {token_id} does not follow the request's grammar"
+        elif request.matcher.is_terminated():
+            result.completed.add(request.request_id)
 
     def _generator(self, request) -> torch.Generator | None:
         seed = request.sampling_params.seed

@@ -58,6 +58,9 @@ class Request:
     token_times: list[float] = field(default_factory=list, init=False)  # one per output token
     finished_time: float | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)  # why it failed (FINISHED_ERROR)
+    # Structured output: the xgrammar GrammarMatcher that has accepted every output token so far (it
+    # survives preemption as it is); None: free text. Set once the request's grammar is compiled.
+    matcher: object | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -9,7 +9,7 @@ import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from llamaserve.config import SchedulerConfig
@@ -100,6 +100,12 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queues a request; ValueError when it could never run to completion."""
+        self.check_request(request)
+        self._requests[request.request_id] = request
+        self._waiting.push(request)
+
+    def check_request(self, request: Request) -> None:
+        """ValueError when the request could never run to completion (before it waits for its grammar)."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if not 0 < request.num_prompt_tokens < self.config.max_model_len:
@@ -114,8 +120,6 @@ class Scheduler:
                 f"request may need {blocks} KV blocks but the cache holds {self.block_manager.num_blocks}; "
                 "lower max_tokens or the prompt length"
             )
-        self._requests[request.request_id] = request
-        self._waiting.push(request)
 
     def abort_requests(self, request_ids: str | Iterable[str]) -> None:
         """Finishes waiting or running requests as aborted and frees their blocks now.
@@ -202,9 +206,11 @@ class Scheduler:
             finished=finished,
         )
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int],
+               completed: Collection[str] = ()) -> list[Request]:
         """Applies a computed step. sampled_token_ids maps the id of every scheduled request with
-        sample=True to its new token. Returns the requests that got a token (finished ones included).
+        sample=True to its new token; `completed` names the requests whose grammar that token ended
+        (they stop). Returns the requests that got a token (finished ones included).
         """
         now = time.monotonic()
         updated = []
@@ -219,6 +225,8 @@ class Scheduler:
             token_id = sampled_token_ids[request.request_id]
             request.append_output_token(token_id, now)
             status = self._stop_status(request, token_id)
+            if request.request_id in completed:  # the grammar allows nothing more (normally: on EOS anyway)
+                status = RequestStatus.FINISHED_STOPPED
             if status is not None:
                 self._finish(request, status, now)
             updated.append(request)

@@ -4,12 +4,23 @@ A step's tokens are flat ([num_tokens]): each sequence contributes `query_len` n
 chunk or one decode token) whose K/V are written into cache slots, then attend over the sequence's
 whole context (cached tokens + new ones) through its block table. No sequence is padded to another's
 length on the way in or out.
+
+Backends share one interface (AttentionBackend): `plan(meta)` once per forward, `forward(...)` per layer.
+The torch backend here runs everywhere and is the oracle the others are tested against; the Triton
+kernels (triton_attention) and FlashInfer (flashinfer_attention) serve CUDA devices.
 """
 
+import importlib.util
+import logging
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,6 +32,12 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] long: cache slot (block * block_size + offset) of each new token
     token_seq_lens: torch.Tensor  # [num_tokens] long: seq_len of each token's sequence (dynamic RoPE)
     logits_indices: torch.Tensor  # [num_sampled] long: flat positions whose logits are wanted
+    # The same layout as device tensors, for kernels that read it themselves:
+    query_start_loc: torch.Tensor  # [num_seqs + 1] long: each sequence's first flat token; last = num_tokens
+    seq_lens_tensor: torch.Tensor  # [num_seqs] long
+    block_table: torch.Tensor  # [num_seqs, max_blocks] long: blocks in use, padded with 0 (never read)
+    decode_seqs: torch.Tensor  # [num_decodes] long: sequences with one new token
+    prefill_seqs: torch.Tensor  # [num_prefills] long: sequences with several (a prefill chunk)
 
     @classmethod
     def build(
@@ -32,32 +49,101 @@ class AttentionMetadata:
         sample: list[bool] | None = None,
         device: torch.device | str = "cpu",
     ) -> "AttentionMetadata":
-        """`sample[i]` says whether sequence i wants the logits of its last new token (default: all do)."""
-        slots, token_seq_lens, logits_indices, offset = [], [], [], 0
-        for i, (q, s, table) in enumerate(zip(query_lens, seq_lens, block_tables)):
-            for pos in range(s - q, s):
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            token_seq_lens.extend([s] * q)
-            offset += q
-            if sample is None or sample[i]:
-                logits_indices.append(offset - 1)
-
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
-        return cls(
-            query_lens=list(query_lens),
-            seq_lens=list(seq_lens),
-            block_tables=block_tables,
-            block_size=block_size,
-            slot_mapping=tensor(slots),
-            token_seq_lens=tensor(token_seq_lens),
-            logits_indices=tensor(logits_indices),
-        )
+        """`sample[i]` says whether sequence i wants the logits of its last new token (default: all do).
+        Computed on the host with tensor ops (no loop per token), then copied to `device` in one transfer."""
+        num_seqs = len(query_lens)
+        blocks_used = [-(-s // block_size) for s in seq_lens]
+        width = max(blocks_used, default=0)
+        table = torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(block_tables, blocks_used)],
+                             dtype=torch.long).view(num_seqs, width)  # [num_seqs, max_blocks]
+        q = torch.tensor(query_lens, dtype=torch.long)  # [num_seqs]
+        s = torch.tensor(seq_lens, dtype=torch.long)
+        ends = q.cumsum(0)
+        starts = ends - q
+        token_seq = torch.repeat_interleave(q)  # [num_tokens]: each token's sequence
+        num_tokens = token_seq.numel()
+        pos = (s - q - starts)[token_seq] + torch.arange(num_tokens)  # [num_tokens] position in its sequence
+        slots = table[token_seq, pos // block_size] * block_size + pos % block_size
+        wanted = torch.ones(num_seqs, dtype=torch.bool) if sample is None else torch.tensor(sample, dtype=torch.bool)
+        parts = {
+            "slot_mapping": slots,
+            "token_seq_lens": s[token_seq],
+            "logits_indices": (ends - 1)[wanted],
+            "query_start_loc": torch.cat([torch.zeros(1, dtype=torch.long), ends]),
+            "seq_lens_tensor": s,
+            "block_table": table.view(-1),
+            "decode_seqs": (q == 1).nonzero().view(-1),
+            "prefill_seqs": (q > 1).nonzero().view(-1),
+        }
+        packed = torch.cat(list(parts.values())).to(device, non_blocking=True)
+        tensors = dict(zip(parts, packed.split([t.numel() for t in parts.values()])))
+        tensors["block_table"] = tensors["block_table"].view(num_seqs, width)
+        return cls(list(query_lens), list(seq_lens), block_tables, block_size, **tensors)
 
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.numel()
+
+
+class AttentionBackend(Protocol):
+    """Paged attention for one model: `plan` once per forward builds what every layer shares (index tensors,
+    launch sizes); `forward` per layer writes the step's new K/V into that layer's cache, then attends."""
+
+    name: str
+
+    def plan(self, meta: AttentionMetadata) -> Any: ...
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        plan: Any,
+    ) -> torch.Tensor: ...  # [num_tokens, num_heads * head_dim]
+
+
+def select_attention_backend(
+    name: str, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> AttentionBackend:
+    """`name`: one of ATTENTION_BACKENDS. "auto" on CUDA: FlashInfer where it is installed and serves the
+    shape (the Triton kernels if it then fails to start), else the Triton kernels; elsewhere the torch
+    backend. An explicit name that cannot serve raises ValueError."""
+    from .flashinfer_attention import flashinfer_unsupported
+
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {name!r}")
+    device = torch.device(device)
+    heads = (num_heads, num_kv_heads, head_dim)
+    has_triton = importlib.util.find_spec("triton") is not None
+    if name == "auto":
+        if device.type != "cuda":
+            return TorchAttentionBackend(*heads)
+        if flashinfer_unsupported(device, dtype, head_dim) is None:
+            try:
+                return _flashinfer(*heads, device, dtype)
+            except Exception as e:  # installed but broken (a CUDA or torch ABI mismatch): serve on
+                log.warning("FlashInfer is installed but did not start (%s); using the next backend", e)
+        name = "triton" if has_triton else "torch"
+    if name == "torch":
+        return TorchAttentionBackend(*heads)
+    if name == "triton":
+        if not has_triton:
+            raise ValueError("the triton attention backend needs the triton package")
+        from .triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend(*heads, device)
+    reason = flashinfer_unsupported(device, dtype, head_dim)
+    if reason is not None:
+        raise ValueError(f"the flashinfer attention backend cannot serve: {reason}")
+    return _flashinfer(*heads, device, dtype)
+
+
+def _flashinfer(num_heads, num_kv_heads, head_dim, device, dtype) -> AttentionBackend:
+    from .flashinfer_attention import FlashInferAttentionBackend
+
+    return FlashInferAttentionBackend(num_heads, num_kv_heads, head_dim, device, dtype)
 
 
 def allocate_kv_cache(
@@ -76,7 +162,8 @@ class _Group:
     """Sequences attended together in one padded SDPA call (padding lives only inside the kernel call)."""
 
     token_index: torch.Tensor  # [G, max_q] long: flat token of each query row (0 where padded)
-    token_valid: torch.Tensor  # [G, max_q] bool
+    rows: torch.Tensor  # [n] long: the query rows (of G * max_q) that are real tokens
+    dest: torch.Tensor  # [n] long: the flat token each of those rows is
     block_tables: torch.Tensor  # [G, max_blocks] long: each sequence's cache blocks (0 where padded)
     mask: torch.Tensor  # [G, 1, max_q * queries_per_kv, max_blocks * block_size] bool: True = may attend
 
@@ -87,9 +174,11 @@ DECODE_BUCKET_RATIO = 1.5
 
 
 class TorchAttentionBackend:
-    """Reference backend in plain torch (CPU and GPU). Decodes of similar context length share one
-    SDPA call; each prefill chunk gets its own, so a long prompt never pads the decodes to its length.
-    K/V are gathered a whole block at a time: contiguous copies of block_size tokens."""
+    """Reference backend in plain torch (CPU and GPU), and the oracle the others are tested against.
+    Decodes of similar context length share one SDPA call; each prefill chunk gets its own, so a long
+    prompt never pads the decodes to its length. K/V are gathered a whole block at a time: contiguous copies of block_size tokens."""
+
+    name = "torch"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         self.num_heads = num_heads
@@ -131,7 +220,10 @@ class TorchAttentionBackend:
         for row, i in enumerate(members):
             blocks = meta.block_tables[i][: (meta.seq_lens[i] + bs - 1) // bs]
             tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        return _Group(*(t.to(device, non_blocking=True) for t in (token_index, token_valid, tables, mask)))
+        # Where the valid rows go, found here on the host: a boolean index on the device would sync.
+        rows = token_valid.view(-1).nonzero().view(-1)
+        dest = token_index.view(-1)[rows]
+        return _Group(*(t.to(device, non_blocking=True) for t in (token_index, rows, dest, tables, mask)))
 
     def forward(
         self,
@@ -155,8 +247,8 @@ class TorchAttentionBackend:
             kg, vg = (self._gather(cache, g.block_tables) for cache in kv_cache)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
             og = og.view(num_seqs, self.num_kv_heads, max_q, self.queries_per_kv, self.head_dim)
-            og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs, max_q, self.num_heads, self.head_dim)
-            out[g.token_index[g.token_valid]] = og[g.token_valid]
+            og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs * max_q, self.num_heads, self.head_dim)
+            out[g.dest] = og[g.rows]
         return out.view(q.shape[0], -1)
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

@@ -2,19 +2,23 @@
 
 Projections are fused (QKV, gate/up) so each layer runs three matmuls on its input; the parallel layers
 (llamaserve.model.parallel) load their own slices of the checkpoint's separate q/k/v and gate/up tensors.
-With one rank the same code runs with no communication.
+With one rank the same code runs with no communication. Attention goes through one backend
+(llamaserve.model.attention), chosen at the first forward, when the device and dtype are known.
 """
 
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .architecture import ModelArchitecture
-from .attention import AttentionMetadata, TorchAttentionBackend
+from .attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata, select_attention_backend
 from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
 from .sharding import TensorParallel, heads_per_rank
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +41,7 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArchitecture, tp: TensorParallel, backend: TorchAttentionBackend):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel):
         super().__init__()
         self.num_heads, self.num_kv_heads = heads_per_rank(arch, tp.size)
         self.head_dim = arch.head_dim
@@ -47,7 +51,7 @@ class LlamaAttention(nn.Module):
                                "v": (arch.kv_size, kv_shards)}, tp,
         )
         self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size, tp)
-        self.backend = backend
+        self.backend: AttentionBackend | None = None  # shared by every layer; LlamaForCausalLM sets it
 
     def forward(self, x, cos, sin, kv_cache, meta, plan):
         n = x.shape[0]
@@ -71,10 +75,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArchitecture, tp: TensorParallel, backend: TorchAttentionBackend):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, tp, backend)
+        self.self_attn = LlamaAttention(arch, tp)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, tp)
 
@@ -87,8 +91,7 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArchitecture, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        backend = TorchAttentionBackend(*heads_per_rank(arch, tp.size), arch.head_dim)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, backend) for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
 
@@ -102,14 +105,33 @@ class LlamaForCausalLM(nn.Module):
         "mlp.up_proj.weight": ("mlp.gate_up_proj", "up"),
     }
 
-    def __init__(self, arch: ModelArchitecture, tp: TensorParallel = TensorParallel()):
+    def __init__(self, arch: ModelArchitecture, tp: TensorParallel = TensorParallel(), attention_backend: str = "auto"):
+        """`attention_backend`: "auto" (by device and what is installed), "torch", "triton" or "flashinfer"."""
         super().__init__()
         self.arch = arch
         self.model = LlamaModel(arch, tp)
         self.rotary = RotaryEmbedding(arch)
-        self.attn_backend = self.model.layers[0].self_attn.backend if arch.num_hidden_layers else None
+        self.heads = heads_per_rank(arch, tp.size)  # (query heads, KV heads) on this rank
+        self.set_attention_backend(attention_backend)
         self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, tp)
         self.tie_weights()
+
+    def set_attention_backend(self, name: str) -> None:
+        """Serve attention with backend `name` (one of ATTENTION_BACKENDS) from the next forward on."""
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {name!r}")
+        self.attention_backend = name
+        self.attn_backend: AttentionBackend | None = None
+        self._attn_serves = None  # the (device, dtype) attn_backend was chosen for
+
+    def _attention(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+        if self._attn_serves != (device, dtype):
+            backend = select_attention_backend(self.attention_backend, device, dtype, *self.heads, self.arch.head_dim)
+            for layer in self.model.layers:
+                layer.self_attn.backend = backend
+            self.attn_backend, self._attn_serves = backend, (device, dtype)
+            log.info("attention backend: %s (asked: %s) on %s", backend.name, self.attention_backend, device)
+        return self.attn_backend
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the checkpoint does (again after `to_empty`).
@@ -127,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor | None:  # [num_sampled, vocab_size] float32 in meta.logits_indices order; None off rank 0
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, meta.token_seq_lens, x.dtype)
-        plan = self.attn_backend.plan(meta)
+        plan = self._attention(x.device, x.dtype).plan(meta)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta, plan)
         # Only the positions that will be sampled go through the final norm and the vocabulary projection.

@@ -6,12 +6,14 @@ Order of operations per row (a stage runs only if some row of the step uses it):
      are divided by the penalty and negative logits multiplied by it
   3. presence / frequency penalties (OpenAI): logit -= presence * (count > 0) + frequency * count,
      counting output tokens only
+  4. grammar (structured output): on constrained rows, every token the row's bitmask forbids gets
+     -inf. After bias and penalties, so that no bias can revive a forbidden token.
      -> logprobs are the log-softmax of these logits, before temperature and filtering, as vLLM
-        and the OpenAI API report them: they describe the model's (penalized) distribution,
-        not the truncated one the token was drawn from.
-  4. greedy rows (temperature below 1e-5, top_k 1 or top_p 0): argmax
-  5. other rows: divide by temperature; top-k, top-p (one shared sort); softmax; min-p
-  6. draw with the exponential race, argmax(probs / q) with q ~ Exp(1): the same distribution
+        and the OpenAI API report them: they describe the model's (penalized, constrained)
+        distribution, not the truncated one the token was drawn from.
+  5. greedy rows (temperature below 1e-5, top_k 1 or top_p 0): argmax
+  6. other rows: divide by temperature; top-k, top-p (one shared sort); softmax; min-p
+  7. draw with the exponential race, argmax(probs / q) with q ~ Exp(1): the same distribution
      as a multinomial draw, with no host sync. Seeded rows draw q from their own
      torch.Generator (which must live on the logits' device), so their tokens do not depend
      on the rest of the batch; a seeded row that is greedy does not advance its generator.
@@ -44,10 +46,14 @@ class SamplingBatch:
     output_counts: Tensor | None  # [num_pen, vocab] float32
     seeded: list[tuple[int, torch.Generator]]  # (row, generator) for sampled rows with a seed
     max_logprobs: int | None  # k of top_logprobs; None when no row asked for logprobs
+    grammar_rows: Tensor | None = None  # [num_constrained] long: the rows a grammar constrains
+    # [num_constrained, ceil(vocab / 32)] int32: bit j of word i set = token 32 i + j allowed
+    grammar_bitmask: Tensor | None = None
 
     @property
     def needs_processing(self) -> bool:
-        return self.bias is not None or self.penalty_rows is not None or self.max_logprobs is not None
+        return (self.bias is not None or self.penalty_rows is not None or self.max_logprobs is not None
+                or self.grammar_rows is not None)
 
     @classmethod
     def build(
@@ -58,7 +64,11 @@ class SamplingBatch:
         output_token_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        grammar_rows: list[int] | None = None,
+        grammar_bitmask: Tensor | None = None,
     ) -> "SamplingBatch":
+        """`grammar_rows` and `grammar_bitmask` ([len(grammar_rows), ceil(vocab / 32)] int32, on the host
+        or the device): the constrained rows and their allowed tokens (see llamaserve.engine.grammar)."""
         if not len(params) == len(generators) == len(prompt_token_ids) == len(output_token_ids):
             raise ValueError("params, generators and token id lists must have one entry per row")
 
@@ -110,6 +120,8 @@ class SamplingBatch:
             output_counts=output_counts if use_counts else None,
             seeded=[(row, g) for row, g in enumerate(generators) if g is not None and not greedy[row]],
             max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+            grammar_rows=torch.tensor(grammar_rows, dtype=torch.long, device=device) if grammar_rows else None,
+            grammar_bitmask=grammar_bitmask.to(device, non_blocking=True) if grammar_rows else None,
         )
 
 
@@ -126,8 +138,17 @@ def _token_counts(token_ids: list[list[int]], vocab_size: int, device) -> Tensor
     return counts[:, :vocab_size]
 
 
+def forbidden_tokens(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """[rows, ceil(vocab / 32)] int32 -> [rows, vocab] bool, True where the bit of the token (bit j of word i
+    is token 32 i + j) is clear."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # [32]
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]; & 1 drops the sign's copies
+    return (bits == 0).flatten(1)[:, :vocab_size]
+
+
 def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
-    """Logit bias, then repetition, presence and frequency penalties; returns a new float32 tensor."""
+    """Logit bias, then repetition, presence and frequency penalties, then grammar masks; returns a new
+    float32 tensor."""
     logits = logits.to(torch.float32, copy=True)  # [num_seqs, vocab]; the caller's logits stay intact
     if batch.bias is not None:
         rows, tids, values = batch.bias
@@ -142,6 +163,13 @@ def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
             counts = batch.output_counts
             pen = pen - batch.frequency_penalty * counts - batch.presence_penalty * (counts > 0)
         logits.index_copy_(0, batch.penalty_rows, pen)
+    if batch.grammar_rows is not None:
+        forbidden = forbidden_tokens(batch.grammar_bitmask, logits.shape[-1])  # [num_constrained, vocab]
+        if len(batch.grammar_rows) == len(logits):  # every row (n choices of one request): no gather
+            logits.masked_fill_(forbidden, float("-inf"))
+        else:
+            constrained = logits.index_select(0, batch.grammar_rows).masked_fill_(forbidden, float("-inf"))
+            logits.index_copy_(0, batch.grammar_rows, constrained)
     return logits
 
 

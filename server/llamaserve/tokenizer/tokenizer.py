@@ -100,7 +100,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """`tools` (OpenAI's tool objects) are passed to the template only when given, as transformers does."""
         if self.chat_template is None:
             raise ChatTemplateError(
                 f"{self.name} has no chat template; choose one (a built-in such as 'llama-2', or a .jinja file)"
@@ -111,13 +117,17 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self._bos_token or "",
             eos_token=self._eos_token or "",
+            **({"tools": list(tools)} if tools is not None else {}),
         )
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Prompt token ids for a conversation; see the class docstring for the BOS rule."""
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, tools)
         ids = self.encode(text, add_special_tokens=False)
         if self._adds_bos and not text.startswith(self._bos_token):
             ids.insert(0, self._bos_token_id)
