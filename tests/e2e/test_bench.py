@@ -13,7 +13,7 @@ def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-SMALL = ("--requests", "3", "--max-input-tokens", "200", "--max-output-tokens", "6")
+SMALL = ("--requests", "3", "--max-input-tokens", "120", "--max-output-tokens", "4")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_a_concurrency_sweep_records_every_request(sweep, model):
 
 
 def test_a_poisson_rate_point_on_completions(server, tmp_path):
-    run = bench("--url", server.url, "--request-rate", "inf", "--endpoint", "completions", *SMALL,
+    run = bench("--url", server.url, "--request-rate", "inf", "--endpoint", "completions", *SMALL, "--warmup", "0",
                 "--output", str(tmp_path / "rate.json"))
     assert run.returncode == 0, run.stderr
     [point] = json.loads((tmp_path / "rate.json").read_text())["points"]

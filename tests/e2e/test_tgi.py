@@ -235,14 +235,22 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "country"
           "required": ["name", "country"]}
 
 
-@pytest.mark.xfail(strict=True, reason="the engine does not enforce SamplingParams.structured yet (it lands with "
-                   "the grammar engine); the API side is done: a TGI grammar becomes StructuredOutput")
 def test_a_grammar_constrains_the_text(hf):
     city = hf.text_generation("Describe Paris as JSON:", max_new_tokens=24,
                               grammar={"type": "json", "value": SCHEMA})
     assert set(json.loads(city)) == {"name", "country"}
-    answer = hf.text_generation("Is the sky blue?", max_new_tokens=3, grammar={"type": "regex", "value": "(yes|no)"})
-    assert answer in ("yes", "no")
+    regex = {"type": "regex", "value": "(yes|no)"}
+    answer = hf.text_generation("Is the sky blue?", max_new_tokens=3, grammar=regex, details=True)
+    assert answer.generated_text in ("yes", "no") and answer.details.finish_reason == "eos_token"
+    *_, last = hf.text_generation("Is the sky blue?", max_new_tokens=3, grammar=regex, stream=True, details=True)
+    assert last.generated_text == answer.generated_text  # the stream opens once the grammar is accepted
+
+
+def test_a_grammar_the_engine_cannot_use_is_a_422_before_any_stream(http):
+    impossible = {"type": "json", "value": {"type": "integer", "minimum": 5, "maximum": 1}}
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "grammar": impossible}}
+    assert_tgi_error(http.post("/generate", json=body), 422, "validation")
+    assert_tgi_error(http.post("/generate_stream", json=body), 422, "validation")
 
 
 # ---- the `text-generation` package, from a venv of its own -----------------------------------------
