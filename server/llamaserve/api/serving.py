@@ -597,6 +597,14 @@ class Generation:
     async def stream(self, raw: Request, events: AsyncIterator[str]) -> Response:
         """An SSE response of `events`, opened once the engine has accepted every choice's grammar: one it
         cannot compile is a 400, not an error event after a 200."""
+        await self.accepted(raw)
+        config = self.serving.config
+        return event_stream(events, config.sse_ping_interval, config.sse_send_timeout, on_close=self.release)
+
+    async def accepted(self, raw: Request) -> None:
+        """Returns once the engine has accepted every choice's grammar (at once when none has one), for a
+        stream to open only then; if it cannot (a grammar refused, the client gone), the choices are
+        aborted, the slots released, and the error raised."""
         try:
             await cancel_on_disconnect(raw, self._grammars_accepted())
         except BaseException:
@@ -604,8 +612,6 @@ class Generation:
                 await run.aclose()  # aborts the choices already in the engine
             self.release()
             raise
-        config = self.serving.config
-        return event_stream(events, config.sse_ping_interval, config.sse_send_timeout, on_close=self.release)
 
     async def _grammars_accepted(self) -> None:
         # The engine's first output for a constrained request is an empty notice (or the compile error);
@@ -629,18 +635,6 @@ class Generation:
                 deltas[d.index].append(d)
                 usage.add(d)
         return deltas, usage.usage()
-
-    async def accepted(self, raw: Request) -> None:
-        """Returns once the engine has accepted every choice's grammar, as stream() waits before it opens, for a
-        stream framed by another protocol; if it cannot (a grammar refused, the client gone), the choices are
-        aborted, the slots released, and the error raised."""
-        try:
-            await cancel_on_disconnect(raw, self._grammars_accepted())
-        except BaseException:
-            for run in self._runs:
-                await run.aclose()
-            self.release()
-            raise
 
 
 def _delta_tool_call(piece: ToolCallDelta) -> DeltaToolCall:
