@@ -94,6 +94,9 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--sse-send-timeout", type=float,
                    help="seconds a write to a stream may wait on a client that stopped reading before the stream is "
                    "aborted and its slot freed (default 30)")
+    p.add_argument("--keep-alive-timeout", type=float,
+                   help="seconds an idle client connection stays open between requests; keep it above your load "
+                   "balancer's idle timeout (default 75)")
     p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="require `Authorization: Bearer KEY` on the API (repeatable; also $LLAMASERVE_API_KEY)")
     p.add_argument("--api-key-file", help="a file of accepted API keys, one a line")
@@ -163,7 +166,7 @@ def serve(args: argparse.Namespace) -> int:
     # SIGTERM and SIGINT drain the server (llamaserve.api.drain); it exits 0, or 1 if the engine died.
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
                             log_config=logging_config(server_config.log_format, server_config.log_level),
-                            timeout_graceful_shutdown=CUT_WAIT)
+                            timeout_keep_alive=server_config.keep_alive_timeout, timeout_graceful_shutdown=CUT_WAIT)
     DrainingServer(config, app.state.drain).run()
     return app.state.exit_code
 
