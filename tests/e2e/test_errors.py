@@ -58,6 +58,12 @@ CASES = [
     ("/tokenize", b'{"prompt": "\\ud83d"}', 400, "prompt"),
     ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', 400, "messages.0.content"),
     ("/detokenize", b'{"tokens": [1], "model": "\\ud800"}', 400, "model"),
+    # ... where an error message quotes the value back
+    (CHAT, RAW_CHAT + b'"tool_choice": "\\udbff\\udc00\\ud800"}', 400, "tool_choice"),
+    (CHAT, RAW_CHAT + b'"tools": [{"type": "function", "function": {"name": "f\\ud800"}}]}', 400,
+     "tools.0.function.name"),
+    (CHAT, RAW_CHAT + b'"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": '
+     b'{"type": "function", "function": {"name": "\\udfff"}}}', 400, "tool_choice"),
     # content parts: text only
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, 400,
      "messages.0.content"),

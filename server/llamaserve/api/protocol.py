@@ -44,6 +44,12 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _shown(text: str) -> str:
+    """A client's string as an error message quotes it: a lone surrogate escaped, since pydantic formats
+    messages as UTF-8 and would fail (a 500) on one."""
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
 def _unsupported(what: str, allowed: Callable[[Any], bool]) -> AfterValidator:
     """Refuses a field's value unless `allowed(value)`: the server cannot give what it asks for."""
 
@@ -77,7 +83,7 @@ FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function
 def _function_name(name: str) -> str:
     if not FUNCTION_NAME.fullmatch(name):
         raise PydanticCustomError("function_name", "a function name is 1 to 64 letters, digits, underscores or "
-                                  "dashes; '{name}' is not", {"name": name})
+                                  "dashes; '{name}' is not", {"name": _shown(name)})
     return name
 
 
@@ -264,7 +270,7 @@ class ChatCompletionRequest(SamplingRequest):
         if isinstance(choice, str) and choice not in ("none", "auto", "required"):
             raise PydanticCustomError("tool_choice", "tool_choice is 'none', 'auto', 'required' or "
                                       "{'type': 'function', 'function': {'name': ...}}, not '{choice}'",
-                                      {"choice": choice})
+                                      {"choice": _shown(choice)})
         return choice
 
     @field_validator("tool_choice")
