@@ -88,7 +88,8 @@ class ModelRunner:
             config = self._join_group(config, on_worker_death)
         self.config = config
         self.model = load_model(self.checkpoint, self.dtype, self.device, tp=self.tp,
-                                progress=config.model.show_progress and rank == 0, merge_lora=config.model.merge_lora)
+                                progress=config.model.show_progress and rank == 0, merge_lora=config.model.merge_lora,
+                                attention_backend=config.model.attention_backend)
         self.block_size = config.cache.block_size
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = allocate_kv_cache(

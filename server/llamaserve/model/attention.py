@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+from ..config import ATTENTION_BACKENDS
 
 log = logging.getLogger(__name__)
 
