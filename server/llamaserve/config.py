@@ -15,7 +15,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 class ModelConfig:
     model: str | None = None  # checkpoint directory or .gguf file; None: the embedded default model
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"  # torch device of the weights and the KV cache
+    device: str = "cpu"  # torch device of the weights and the KV cache; tp ranks on cuda:N get GPUs N, N+1, ...
     chat_template: str | None = None  # built-in name (e.g. "llama-2") or .jinja file; None: the checkpoint's
     cache_dir: Path = Path.home() / ".cache" / "llamaserve"  # converted GGUF checkpoints live here
     show_progress: bool = False  # a progress bar while the weights load (the server turns it on)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamaserve.engine.runner.group import HEADER_SIZE, STOP, decode, encode, payload_size
+from llamaserve.engine.runner.group import HEADER_SIZE, STOP, decode, encode, payload_size, rank_device
 from llamaserve.engine.runner.inputs import StagedInputs, StepInputs
 from llamaserve.model.attention import AttentionMetadata, step_layout
 from llamaserve.model.staging import ALIGN, StagingBuffer
@@ -141,3 +141,11 @@ def test_steps_travel_as_int64_tensors(inputs):
 def test_stop_is_a_header_alone():
     header, payload = encode(None)
     assert header[0] == STOP and payload is None and decode(header, None) is None
+
+
+def test_each_tensor_parallel_rank_gets_its_own_gpu():
+    assert [rank_device("cuda", 4, r) for r in range(4)] == [torch.device("cuda", r) for r in range(4)]
+    assert [rank_device("cuda:2", 2, r) for r in range(2)] == [torch.device("cuda", 2), torch.device("cuda", 3)]
+    assert rank_device("cuda:3", 1, 0) == torch.device("cuda", 3)
+    assert rank_device("cuda", 1, 0) == torch.device("cuda", 0)
+    assert rank_device("cpu", 4, 3) == torch.device("cpu")

@@ -29,7 +29,7 @@ from llamaserve.engine.faults import FatalEngineError, FaultInjector, describe
 from llamaserve.engine.grammar import TokenBitmask
 from llamaserve.engine.messages import TokenLogprobs
 from llamaserve.engine.runner.adapters import AdapterSlots
-from llamaserve.engine.runner.group import StepGroup
+from llamaserve.engine.runner.group import StepGroup, rank_device
 from llamaserve.engine.runner.inputs import ModelInputs, StagedInputs, StepInputs
 from llamaserve.engine.runner.memory import kv_blocks_that_fit, kv_bytes_per_block
 from llamaserve.engine.runner.sampling import SamplingState
@@ -65,9 +65,7 @@ class ModelRunner:
         """Rank 0 starts the other ranks' worker processes; `on_worker_death(reason)` runs (on a watcher
         thread) when one exits unasked, by default logging it and failing every later step."""
         self.tp = TensorParallel(rank, config.parallel.tensor_parallel_size)
-        self.device = torch.device(config.model.device)
-        if self.device.type == "cuda" and self.device.index is None:  # one GPU per rank on its host
-            self.device = torch.device("cuda", config.parallel.local_rank(rank))
+        self.device = rank_device(config.model.device, self.tp.size, config.parallel.local_rank(rank))
         self.dtype = parse_dtype(config.model.dtype)
         # Rank 0 resolves (and converts, once) the checkpoint and checks it splits before any worker starts.
         self.checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir)

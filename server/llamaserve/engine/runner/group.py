@@ -64,6 +64,15 @@ def decode(header: torch.Tensor, payload: torch.Tensor | None) -> StepInputs | N
                       sample.astype(bool).tolist(), rest[0].tolist() if has_slots else [])
 
 
+def rank_device(device: str, tensor_parallel_size: int, local_rank: int) -> torch.device:
+    """A rank's own device: with tensor parallelism on CUDA, "cuda" gives a node's ranks GPUs 0, 1, ... and
+    "cuda:N" GPUs N, N + 1, ... (one GPU per rank either way); one rank keeps `device` as it is."""
+    device = torch.device(device)
+    if device.type != "cuda" or (tensor_parallel_size == 1 and device.index is not None):
+        return device
+    return torch.device("cuda", (device.index or 0) + local_rank)
+
+
 class StepGroup:
     """One rank's membership of the tensor-parallel group."""
 
