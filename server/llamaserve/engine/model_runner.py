@@ -6,6 +6,7 @@ The runner coordinates the pieces of llamaserve.engine.runner:
   non-blocking copy before the forward pass is launched;
 - sampling: seeded generators, penalty counts kept on the device, and the step's one device-to-host copy;
 - adapters: which LoRA adapters sit in which slots;
+- graphs: CUDA graphs for decode-only steps (CUDA only, unless enforce_eager);
 - memory: how many KV blocks fit;
 - group: the tensor-parallel group and the step channel to the other ranks.
 
@@ -19,6 +20,7 @@ engine core) builds each step's inputs, sends them, runs its shard and samples; 
 """
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ from llamaserve.engine.faults import FatalEngineError, FaultInjector, describe
 from llamaserve.engine.grammar import TokenBitmask
 from llamaserve.engine.messages import TokenLogprobs
 from llamaserve.engine.runner.adapters import AdapterSlots
+from llamaserve.engine.runner.graphs import DecodeGraphs, graph_memory, serves_graphs
 from llamaserve.engine.runner.group import StepGroup, rank_device
 from llamaserve.engine.runner.inputs import ModelInputs, StagedInputs, StepInputs
 from llamaserve.engine.runner.memory import kv_blocks_that_fit, kv_bytes_per_block
@@ -86,19 +89,24 @@ class ModelRunner:
         lora = config.lora
         self.lora = LoraManager(self.model, lora.max_loras, lora.max_lora_rank) if lora.enabled else None
         self.slots = AdapterSlots(self.lora)
-        self.num_blocks = self._num_kv_blocks()
+        self.graphs: DecodeGraphs | None = None  # captured once the KV cache exists
+        self.graph_memory_bytes: int | None = None  # what the graphs hold, as measured for the KV sizing
+        use_graphs = self._graphs_wanted()
+        self.num_blocks = self._num_kv_blocks(use_graphs)
         self.kv_caches = self._allocate_kv(self.num_blocks)
         log.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB%s)", self.num_blocks, self.block_size,
             self.num_blocks * self.block_size, self.num_blocks * self._kv_bytes_per_block() / 2**30,
             f" on rank {rank} of {self.tp.size}" if self.tp.size > 1 else "",
         )
+        if use_graphs:
+            self.graphs = self._capture_graphs()
         self.bitmask: TokenBitmask | None = None  # rank 0, from the first step with a constrained request
         self.faults = FaultInjector(config.faults) if config.faults.inject_fault else None
         for name, path in lora.modules.items():
             self.register_adapter(name, path)
 
-    # ---- memory ---------------------------------------------------------------------
+    # ---- memory and CUDA graphs ---------------------------------------------------------------------
 
     def _kv_bytes_per_block(self) -> int:
         return kv_bytes_per_block(self.arch.num_hidden_layers, self.block_size, self.num_kv_heads, self.arch.head_dim,
@@ -108,11 +116,18 @@ class ModelRunner:
         return allocate_kv_cache(self.arch.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads,
                                  self.arch.head_dim, self.dtype, self.device)
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, use_graphs: bool) -> int:
         """Each rank sizes its cache for its own KV heads; with several ranks all take the smallest count,
         since one block table addresses every rank's cache."""
+        scheduler = self.config.scheduler
+        graph_bytes = None
+        if use_graphs:
+            def graph_bytes():
+                self.graph_memory_bytes = graph_memory(self.model, self._allocate_kv, self.block_size,
+                                                       scheduler.max_num_seqs, scheduler.max_model_len)
+                return self.graph_memory_bytes
         blocks = kv_blocks_that_fit(self.config.cache, self._kv_bytes_per_block(), self.device,
-                                    self._run_largest_steps)
+                                    self._run_largest_steps, graph_bytes)
         return self.group.min(blocks) if self.group is not None else blocks
 
     def _run_largest_steps(self) -> None:
@@ -141,6 +156,31 @@ class ModelRunner:
             del logits
         del kv
 
+    def _graphs_wanted(self) -> bool:
+        if self.device.type != "cuda" or self.config.model.enforce_eager:
+            return False
+        if self.tp.size > 1:
+            log.info("decode steps run eagerly: CUDA graphs are not captured across tensor-parallel ranks")
+            return False
+        backend = self.model.attention_for(self.device, self.dtype)
+        if not serves_graphs(backend):
+            log.info("decode steps run eagerly: the %s attention backend has no CUDA graph plan", backend.name)
+            return False
+        return True
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        scheduler = self.config.scheduler
+        began = time.perf_counter()
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, scheduler.max_num_seqs,
+                              scheduler.max_model_len)
+        try:
+            graphs.capture()
+        except Exception as e:  # a backend that cannot be captured (a FlashInfer build without graph support)
+            log.warning("CUDA graph capture failed (%s); decode steps run eagerly", describe(e))
+            return None
+        log.info("CUDA graphs: decode batch sizes %s captured in %.1f s", graphs.sizes, time.perf_counter() - began)
+        return graphs
+
     # ---- one step on every rank -------------------------------------------------------------------
 
     def _staged(self, inputs: StepInputs) -> ModelInputs:
@@ -157,6 +197,8 @@ class ModelRunner:
             for slot, path in inputs.lora_loads:
                 self.lora.load(slot, self.lora.adapter(path))
             self.lora.set_step(step.lora_slots, step.lora_active)
+        if self.graphs is not None and kv_caches is self.kv_caches and self.graphs.serves(inputs):
+            return self.graphs.run(inputs, step)
         return self.model(step.input_ids, step.positions, kv_caches, step.meta)
 
     def run_model(self, inputs: StepInputs, staging: StagingBuffer | None = None) -> torch.Tensor:
