@@ -117,6 +117,7 @@ def test_decode_steps_are_told_apart():
     assert StepInputs([1, 2], [1, 1], [5, 9], [[0], [1]], [True, True]).is_decode
     assert not StepInputs([1, 2, 3], [2, 1], [5, 9], [[0], [1]], [True, True]).is_decode  # a chunk
     assert not StepInputs([1], [1], [5], [[0]], [False]).is_decode  # a one-token chunk that samples nothing
+    assert not StepInputs([], [], [], [], []).is_decode  # a keepalive
 
 
 @pytest.mark.parametrize("inputs", [

@@ -48,7 +48,7 @@ class StepInputs:
     @property
     def is_decode(self) -> bool:
         """Every request computes one new token and samples the next: the steps a CUDA graph replays."""
-        return len(self.query_lens) == len(self.token_ids) and all(self.sample)
+        return 0 < len(self.query_lens) == len(self.token_ids) and all(self.sample)
 
 
 @dataclass
