@@ -1,5 +1,6 @@
-"""`llamaserve serve` (the OpenAI-compatible server) and `llamaserve plan` (a deployment's memory plan).
-`llamaserve COMMAND --help` documents every flag."""
+"""`llamaserve serve` (the OpenAI-compatible server), `llamaserve plan` (a deployment's memory plan),
+`llamaserve bench` (a load generator for any OpenAI-compatible server) and `llamaserve playground` (a chat web
+app for a server). `llamaserve COMMAND --help` documents every flag."""
 
 import argparse
 import logging
@@ -97,6 +98,9 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--sse-send-timeout", type=float,
                    help="seconds a write to a stream may wait on a client that stopped reading before the stream is "
                    "aborted and its slot freed (default 30)")
+    p.add_argument("--keep-alive-timeout", type=float,
+                   help="seconds an idle client connection stays open between requests; keep it above your load "
+                   "balancer's idle timeout (default 75)")
     p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="require `Authorization: Bearer KEY` on the API (repeatable; also $LLAMASERVE_API_KEY)")
     p.add_argument("--api-key-file", help="a file of accepted API keys, one a line")
@@ -166,7 +170,7 @@ def serve(args: argparse.Namespace) -> int:
     # SIGTERM and SIGINT drain the server (llamaserve.api.drain); it exits 0, or 1 if the engine died.
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
                             log_config=logging_config(server_config.log_format, server_config.log_level),
-                            timeout_graceful_shutdown=CUT_WAIT)
+                            timeout_keep_alive=server_config.keep_alive_timeout, timeout_graceful_shutdown=CUT_WAIT)
     DrainingServer(config, app.state.drain).run()
     return app.state.exit_code
 
@@ -207,13 +211,149 @@ def plan(args: argparse.Namespace) -> int:
     return 0 if rank_plan.fits else 1
 
 
+def _numbers(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError("the values must be positive")
+    return values
+
+
+def add_bench_parser(subcommands) -> None:
+    p = subcommands.add_parser(
+        "bench",
+        help="load-test an OpenAI-compatible server: throughput and latency percentiles, JSON and PNG",
+        description="Send the shipped prompt set (real prose, ShareGPT-like input and output lengths) to any "
+        "OpenAI-compatible server (llamaserve, vLLM, llama.cpp, TGI) as streamed requests, at fixed concurrencies "
+        "or Poisson request rates, and report throughput and TTFT, ITL, TPOT and end-to-end percentiles. "
+        "With --results instead of --url, only plot result files written before.",
+    )
+    p.add_argument("--url", help="the server's base URL (the OpenAI routes under URL/v1), e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", help="the model to ask for (default: the first one /v1/models lists)")
+    p.add_argument("--api-key", default=os.environ.get("LLAMASERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                   help="sent as `Authorization: Bearer KEY` (default: $LLAMASERVE_API_KEY, else $OPENAI_API_KEY)")
+    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
+                   help="/v1/chat/completions with the prompt as one user message, or /v1/completions (default chat)")
+    sweep = p.add_mutually_exclusive_group()
+    sweep.add_argument("--concurrency", type=_numbers, metavar="N[,N...]",
+                       help="requests kept in flight, one sweep point per value (default 1,4,16)")
+    sweep.add_argument("--request-rate", type=_numbers, metavar="R[,R...]",
+                       help="requests per second arriving as a Poisson process, one point per value ('inf': all at once)")
+    p.add_argument("--max-concurrency", type=int, help="with --request-rate: at most this many in flight")
+    p.add_argument("--requests", type=int, default=32,
+                   help="requests per sweep point, none sent twice in a sweep while the set lasts (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="which requests are drawn, and the arrival times (default 0)")
+    p.add_argument("--max-input-tokens", type=int, help="leave out prompts longer than this")
+    p.add_argument("--max-output-tokens", type=int, help="cap each request's output length at this")
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="do not send ignore_eos (by default requests run to their full output length)")
+    p.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
+    p.add_argument("--warmup", type=int, default=1, help="short requests sent before the sweep, not counted (default 1)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take (default 600)")
+    p.add_argument("--label", help="this run's name in plots (default: MODEL at URL)")
+    p.add_argument("--output", help="write the result (settings, per-point summary, per-request records) as JSON here")
+    p.add_argument("--plot", help="draw throughput and latency percentiles into this PNG file")
+    p.add_argument("--results", nargs="+", metavar="RESULT.json",
+                   help="instead of running: plot these result files on one figure (needs --plot)")
+    p.add_argument("--title", help="the plot's title")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def bench(args: argparse.Namespace) -> int:
+    import json
+
+    from llamaserve.bench.plot import plot_results
+
+    if (args.url is None) == (args.results is None):
+        print("llamaserve bench: give --url (run a benchmark) or --results (plot result files)", file=sys.stderr)
+        return 2
+    if args.results is not None:
+        if args.plot is None:
+            print("llamaserve bench: --results needs --plot FILE.png", file=sys.stderr)
+            return 2
+        plot_results([json.loads(open(path).read()) for path in args.results], args.plot, args.title)
+        print(f"wrote {args.plot}")
+        return 0
+
+    import httpx
+
+    from llamaserve.bench.load import Target, point_line, run_sweep, served_model
+    from llamaserve.bench.prompts import load_prompts, sample_prompts
+
+    try:
+        model = args.model or served_model(args.url, args.api_key)
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        print(f"llamaserve bench: cannot list the models of {args.url}: {e}", file=sys.stderr)
+        return 1
+    kind, values = ("request_rate", args.request_rate) if args.request_rate else ("concurrency", args.concurrency or [1, 4, 16])
+    # One draw for the whole sweep: no request repeats across points (while the set lasts), so a prefix cache
+    # gains no more at a later point than real traffic would give it; the warm-up's come last.
+    n = args.requests
+    specs = sample_prompts(load_prompts(), n * len(values) + args.warmup, args.seed, args.max_input_tokens,
+                           args.max_output_tokens)
+    point_specs = [specs[i * n:(i + 1) * n] for i in range(len(values))]
+    target = Target(args.url, model, args.endpoint, args.api_key, args.ignore_eos, args.temperature, args.timeout)
+    result = run_sweep(target, point_specs, specs[n * len(values):], kind, values, args.seed, args.max_concurrency,
+                       args.progress, args.label, report=lambda point: print(point_line(point, kind), flush=True))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1, allow_nan=False)
+        print(f"wrote {args.output}")
+    if args.plot:
+        plot_results([result], args.plot, args.title)
+        print(f"wrote {args.plot}")
+    failed = sum(point["summary"]["failed"] for point in result["points"])
+    if failed:
+        print(f"llamaserve bench: {failed} requests failed (see the summary's errors)", file=sys.stderr)
+    return 0
+
+
+def add_playground_parser(subcommands) -> None:
+    p = subcommands.add_parser(
+        "playground",
+        help="a chat web app (Gradio) for a llamaserve server",
+        description="Start a Gradio chat app that talks to a llamaserve server over its OpenAI API: streamed "
+        "answers, multi-turn history, a system prompt and sampling options, a stop button. Needs the "
+        "`playground` extra: pip install 'llamaserve[playground]'.",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=os.environ.get("LLAMASERVE_API_KEY"),
+                   help="sent as `Authorization: Bearer KEY` (default: $LLAMASERVE_API_KEY)")
+    p.add_argument("--model", help="the model to chat with (default: the first one /v1/models lists)")
+    p.add_argument("--host", default="127.0.0.1", help="address the app listens on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="the app's port (default 7860)")
+
+
+def playground(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("llamaserve playground needs Gradio: pip install 'llamaserve[playground]'", file=sys.stderr)
+        return 2
+    import httpx
+
+    from llamaserve.playground import serve_playground
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool makes no calls home
+    try:
+        serve_playground(args.url, args.api_key, args.model, args.host, args.port)
+    except httpx.HTTPError as e:
+        print(f"llamaserve playground: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamaserve", description="An inference server for Llama-family models.")
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subcommands)
     add_plan_parser(subcommands)
+    add_bench_parser(subcommands)
+    add_playground_parser(subcommands)
     args = parser.parse_args(argv)
-    return {"serve": serve, "plan": plan}[args.command](args)
+    return {"serve": serve, "plan": plan, "bench": bench, "playground": playground}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,10 @@ class ServerConfig:
     drain_timeout: float = 30.0
     sse_ping_interval: float = 15.0  # seconds between keep-alive comments on an open stream; 0: none
     sse_send_timeout: float = 30.0  # seconds one write to a stream may wait on a client that stopped reading
+    # Seconds an idle HTTP/1.1 connection is kept open between requests. Longer than a balancer's or a
+    # client pool's idle timeout (nginx and ALB: 60), so the client, never the server, closes an idle
+    # connection: a server closing it while a request is on its way resets that request.
+    keep_alive_timeout: float = 75.0
     api_keys: tuple[str, ...] = ()  # bearer keys accepted on the API; none: no authentication
     api_key_file: str | None = None  # a file of more keys, one a line (blank lines and # comments skipped)
     protect_metrics: bool = False  # /metrics needs a key too (/health and /ready never do)
@@ -226,8 +230,9 @@ class ServerConfig:
         for seconds in ("drain_grace", "drain_timeout", "sse_ping_interval"):
             if not 0 <= getattr(self, seconds) < float("inf"):
                 raise ValueError(f"{seconds} must be a number of seconds >= 0")
-        if not 0 < self.sse_send_timeout < float("inf"):
-            raise ValueError("sse_send_timeout must be a positive number of seconds")
+        for seconds in ("sse_send_timeout", "keep_alive_timeout"):
+            if not 0 < getattr(self, seconds) < float("inf"):
+                raise ValueError(f"{seconds} must be a positive number of seconds")
         if self.otlp_traces_endpoint is not None and not self.otlp_traces_endpoint.startswith(("http://", "https://")):
             raise ValueError(f"otlp_traces_endpoint must be an http:// or https:// URL, not {self.otlp_traces_endpoint!r}")
         for limit in ("max_request_body_bytes", "max_prompts_per_request", "max_n", "max_stop_strings",

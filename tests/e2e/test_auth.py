@@ -1,5 +1,5 @@
 """API keys and CORS on a real server process: keys from the flag, the file and the environment; 401 in
-OpenAI's shape, counted; the probes open; /metrics behind a key only when asked."""
+OpenAI's shape (TGI's on its routes), counted; the probes open; /metrics behind a key only when asked."""
 
 import httpx
 import openai
@@ -65,6 +65,33 @@ def test_probes_stay_open_and_metrics_need_a_key_when_protected(keyed):
     labels = {"reason": "unauthorized"}
     assert after.value("llamaserve_requests_rejected_total", **labels) == \
         before.value("llamaserve_requests_rejected_total", **labels) + 1
+
+
+TGI_ROUTES = [("POST", "/generate", {"inputs": "Hi"}), ("POST", "/generate_stream", {"inputs": "Hi"}),
+              ("POST", "/", {"inputs": "Hi"}), ("GET", "/info", None)]
+
+
+@pytest.mark.parametrize("method,path,body", TGI_ROUTES)
+def test_tgi_routes_need_a_key_and_refuse_in_tgi_shape(keyed, method, path, body):
+    """Denied by default, as any new route. The 401 is in TGI's shape, as every error on those routes: TGI's
+    clients read `error` as the message (text-generation's parse_error, huggingface_hub's), and would show
+    OpenAI's object as a dict's repr."""
+    response = httpx.request(method, f"{keyed.url}{path}", json=body, headers=bearer("wrong"), timeout=30)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert response.json() == {"error": response.json()["error"], "error_type": "invalid_api_key"}
+    assert httpx.request(method, f"{keyed.url}{path}", json=body, headers=bearer("key-two"), timeout=60).is_success
+
+
+def test_huggingface_hub_sends_its_api_key_to_the_tgi_routes(keyed):
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import UnknownError
+
+    answer = InferenceClient(base_url=keyed.url, api_key="key-one").text_generation("Hi", max_new_tokens=2,
+                                                                                   details=True)
+    assert answer.details.generated_tokens >= 1
+    # An error_type it does not know becomes its UnknownError, with the server's message.
+    with pytest.raises(UnknownError, match="API key"):
+        InferenceClient(base_url=keyed.url, api_key="nope").text_generation("Hi", max_new_tokens=2)
 
 
 def test_cors_answers_the_allowed_origin_only(keyed, http):

@@ -1,4 +1,8 @@
-"""The small endpoints: models, tokenize/detokenize, health, readiness, docs."""
+"""The small endpoints: models, tokenize/detokenize, health, readiness, docs; the HTTP connection."""
+
+import http.client
+import time
+from urllib.parse import urlsplit
 
 from tests.e2e.checks import assert_error_shape
 
@@ -32,3 +36,21 @@ def test_openapi_docs(http):
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize"} <= set(paths)
+
+
+def test_an_idle_connection_outlives_uvicorns_five_second_default(server):
+    """A pooled client (or a balancer) reuses a connection after a pause: the server must not be the one
+    closing it then, or the request sent as it closes is reset (uvicorn closes idle ones after 5 s)."""
+    url = urlsplit(server.url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        sockets = []
+        for pause in (0, 6):
+            time.sleep(pause)
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+            sockets.append(connection.sock)
+        assert sockets[0] is sockets[1] is not None  # the second request went on the first one's connection
+    finally:
+        connection.close()

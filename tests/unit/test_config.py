@@ -57,6 +57,7 @@ def test_tp_is_short_for_tensor_parallel_size(tmp_path):
         ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
         ({"max_request_body_bytes": 0}, "max_request_body_bytes"),
         ({"max_n": 0}, "max_n"),
+        ({"keep_alive_timeout": 0}, "keep_alive_timeout"),
         ({"max_stop_string_length": -1}, "max_stop_string_length"),
         ({"tensor_parallel_size": 3, "nnodes": 2, "master_port": 29500}, "nnodes must be >= 1 and divide"),
         ({"nnodes": 0}, "nnodes"),

@@ -1,6 +1,6 @@
-"""The FastAPI app: lifespan (engine process, tokenizer), thin routes, health and readiness, and the
-middleware every request passes: telemetry, CORS (when origins are allowed), the drain, API keys, the
-body limit.
+"""The FastAPI app: lifespan (engine process, tokenizer), thin routes (the OpenAI ones here, TGI's in
+llamaserve.api.tgi), health and readiness, and the middleware every request passes: telemetry, TGI's error
+shape on its routes, CORS (when origins are allowed), the drain, API keys, the body limit.
 
 Shutting down is the drain's (llamaserve.api.drain): a signal starts it, `DrainingServer` stops uvicorn
 when it is over. If the engine process dies while serving, /health and /ready turn 503, in-flight
@@ -42,6 +42,8 @@ from llamaserve.api.protocol import (
 )
 from llamaserve.api.serving import OpenAIServing
 from llamaserve.api.telemetry import Telemetry, TelemetryMiddleware
+from llamaserve.api.tgi import TGIErrorMiddleware, TGIServing
+from llamaserve.api.tgi import router as tgi_router
 from llamaserve.api.tracing import RequestTracer, otlp_tracer_provider
 from llamaserve.config import EngineConfig, ServerConfig
 from llamaserve.engine.client import AsyncEngineClient
@@ -157,6 +159,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
                                             RequestTracer(provider) if provider is not None else None,
                                             server_config.log_requests)
             app.state.serving = OpenAIServing(client, tokenizer, name, app.state.telemetry, server_config)
+            app.state.tgi = TGIServing(app.state.serving, engine_config.model.device)
             # The process sentinel becomes readable when the engine process ends, for whatever reason.
             loop.add_reader(client.process.sentinel, _on_engine_exit, app, loop, client)
             drain.on_cut = lambda: client.interrupt(cut_short())
@@ -174,11 +177,13 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
     app = FastAPI(title="llamaserve", version=version("llamaserve"), lifespan=lifespan,
                   description="OpenAI-compatible inference server for Llama-family models")
     app.state.serving = None
+    app.state.tgi = None
     app.state.telemetry = None
     app.state.drain = drain = Drain(server_config.drain_grace, server_config.drain_timeout)
     app.state.exit_code = 0  # 1 once the engine died: see the module docstring
     install_error_handlers(app, on_rejected=lambda raw, error: _count_rejection(raw.app, error))
     app.include_router(router)
+    app.include_router(tgi_router)  # TGI's native routes: llamaserve.api.tgi
 
     def refused(scope, error: APIError) -> None:  # by a middleware, before any route
         _count_rejection(scope["app"], error)
@@ -193,6 +198,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig,
     if server_config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id", "traceparent"])
+    app.add_middleware(TGIErrorMiddleware)  # TGI's error shape on its routes, for every refusal above
     app.add_middleware(TelemetryMiddleware)  # outermost: it sees every refusal too
     return app
 

@@ -554,6 +554,24 @@ class OpenAIServing:
                 offset += len(text)
         return result
 
+    # ---- other protocols on the same path (TGI's native routes: llamaserve.api.tgi) ---------
+
+    async def encode(self, text: str) -> list[int]:
+        """A prompt's token ids, tokenized off the event loop as the OpenAI routes tokenize theirs."""
+        return await self._off_loop(self.tokenizer.encode, text)
+
+    def admit_prompt(self, raw: Request, request: CompletionRequest, prompt_ids: list[int], response_id: str,
+                     logprobs: int | None, structured: StructuredOutput | None = None) -> "Generation":
+        """One tokenized prompt admitted as /v1/completions admits its prompts (the engine alive, the model or
+        adapter served, the server's limits and the context checked, concurrency slots reserved, the request
+        measured, logged and traced), for a protocol that formats the deltas itself. `request` carries the
+        sampling fields, its prompt (the text, for the request log) and `n` choices."""
+        record = self.telemetry.start(raw, "text_completion", request, response_id)
+        lora = self._check_serving(request.model)
+        self._check_limits(request, 1)
+        choices = self._choices(request, [prompt_ids], logprobs, "prompt", structured)
+        return self._admit(raw, response_id, choices, request.priority, lora, record)
+
 
 @dataclass
 class Generation:
@@ -579,6 +597,14 @@ class Generation:
     async def stream(self, raw: Request, events: AsyncIterator[str]) -> Response:
         """An SSE response of `events`, opened once the engine has accepted every choice's grammar: one it
         cannot compile is a 400, not an error event after a 200."""
+        await self.accepted(raw)
+        config = self.serving.config
+        return event_stream(events, config.sse_ping_interval, config.sse_send_timeout, on_close=self.release)
+
+    async def accepted(self, raw: Request) -> None:
+        """Returns once the engine has accepted every choice's grammar (at once when none has one), for a
+        stream to open only then; if it cannot (a grammar refused, the client gone), the choices are
+        aborted, the slots released, and the error raised."""
         try:
             await cancel_on_disconnect(raw, self._grammars_accepted())
         except BaseException:
@@ -586,8 +612,6 @@ class Generation:
                 await run.aclose()  # aborts the choices already in the engine
             self.release()
             raise
-        config = self.serving.config
-        return event_stream(events, config.sse_ping_interval, config.sse_send_timeout, on_close=self.release)
 
     async def _grammars_accepted(self) -> None:
         # The engine's first output for a constrained request is an empty notice (or the compile error);
