@@ -253,7 +253,7 @@ def main():
         free_memory(ctx)
         if ctx.checkpoint:
             report.run("engine_7b", engine_end_to_end, 120, ctx)
-    report.run("cuda_graphs", cuda_graphs, 0, ctx)
+            report.run("cuda_graphs", cuda_graphs, 60, ctx)
     if not args.skip_13b:
         report.run("speed_13b", speed_13b, 90, ctx)
     report.run("summary", summary, 0, report.data["sections"])
@@ -284,7 +284,12 @@ def summary(sections: dict) -> dict:
         "engine_tok_per_s": engine.get("tok_per_s"),
         "engine_vs_transformers_one_at_a_time": engine.get("ratio_to_transformers_one_at_a_time"),
         "engine_vs_transformers_batched": engine.get("ratio_to_transformers_batched"),
+        "engine_cuda_graphs": get("engine_7b", "cuda_graphs"),
         "cuda_graphs": get("cuda_graphs", "status"),
+        "cuda_graphs_speedup": get("cuda_graphs", "speedup"),
+        "cuda_graphs_greedy_equal": [get("cuda_graphs", "greedy_tokens_equal"),
+                                     get("cuda_graphs", "greedy_tokens_compared")],
+        "sync_free_decode_step": {mode: get("cuda_graphs", mode, "sync_check", "ok") for mode in ("eager", "graphs")},
     }
 
 
@@ -293,7 +298,8 @@ def gpu_sizes():
                            parity_prompts=(300, 37, 1000), decode_batches=[1, 8, 32, 128, 256], context=512,
                            torch_decode_max_batch=32, prefill_len=2048, prefill_batches=[1, 4],
                            requests=256, input_len=512, output_len=256, hf_single=2, hf_batched=64, hf_batch=32,
-                           max_num_batched_tokens=8192, shape_13b="13b")
+                           max_num_batched_tokens=8192, shape_13b="13b",
+                           graph_batches=[1, 8, 32], graph_input_len=256, graph_output_len=64)
 
 
 def dry_run_sizes():
@@ -301,7 +307,8 @@ def dry_run_sizes():
                            parity_prompts=(40, 7, 100), decode_batches=[1, 2, 4], context=32,
                            torch_decode_max_batch=4, prefill_len=64, prefill_batches=[1, 2],
                            requests=8, input_len=32, output_len=8, hf_single=2, hf_batched=4, hf_batch=2,
-                           max_num_batched_tokens=256, shape_13b="tiny")
+                           max_num_batched_tokens=256, shape_13b="tiny",
+                           graph_batches=[1, 3], graph_input_len=16, graph_output_len=4)
 
 
 def available_backends(device: torch.device, dry_run: bool) -> list[str]:

@@ -192,12 +192,15 @@ def engine_end_to_end(ctx) -> dict:
         tokens, seconds, steps = run(prompts, s.output_len, "r")
         backend = engine.runner.model.attn_backend.name
         num_blocks = engine.runner.num_blocks
+        graphs = engine.runner.graphs
+        graph_gib = engine.runner.graph_memory_bytes / 2**30 if engine.runner.graph_memory_bytes else None
     finally:
         engine.shutdown()
     total = sum(map(len, tokens.values()))
     result = {"requests": len(prompts), "input_len": s.input_len, "output_len": s.output_len, "output_tokens": total,
               "seconds": seconds, "tok_per_s": total / seconds, "steps": steps, "mean_step_ms": seconds / steps * 1e3,
-              "attention_backend": backend, "kv_blocks": num_blocks, "load_seconds": load_seconds}
+              "attention_backend": backend, "kv_blocks": num_blocks, "load_seconds": load_seconds,
+              "cuda_graphs": graphs.sizes if graphs is not None else None, "graph_memory_gib": graph_gib}
     hf = ctx.results.get("transformers", {})
     for name in ("one_at_a_time", "batched"):
         if name in hf:
@@ -213,9 +216,148 @@ def engine_end_to_end(ctx) -> dict:
     return result
 
 
+def _engine(ctx, **options):
+    from llamaserve.config import EngineConfig
+    from llamaserve.engine.core import EngineCore
+
+    options = dict(model=ctx.checkpoint, dtype=str(ctx.dtype).removeprefix("torch."), device=ctx.device.type,
+                   enable_prefix_caching=False, block_size=BLOCK_SIZE, **options)
+    if ctx.device.type != "cuda" and "num_blocks" not in options:
+        options["kv_cache_gib"] = 0.25
+    return EngineCore(EngineConfig.from_options(**options))
+
+
+def _add(engine, prompts: list[list[int]], params, tag: str) -> dict[str, list[int]]:
+    from llamaserve.engine.messages import AddRequest
+
+    tokens = {}
+    for i, prompt in enumerate(prompts):
+        refused = engine.add_request(AddRequest(f"{tag}{i}", prompt, params))
+        if refused is not None:
+            raise RuntimeError(f"request refused: {refused.error}")
+        tokens[f"{tag}{i}"] = []
+    return tokens
+
+
+def _step(engine, tokens: dict[str, list[int]]) -> None:
+    for output in engine.step():
+        if output.finish_reason == "error":
+            raise RuntimeError(f"{output.request_id} failed: {output.error}")
+        if output.request_id in tokens:
+            tokens[output.request_id] += output.new_token_ids
+
+
+def _decode_steps(ctx, engine, batch: int, seed: int) -> tuple[dict[str, list[int]], list[float]]:
+    """`batch` greedy requests added at once, stepped to the end; the wall time of every step after the last
+    request's first token (pure decode steps of `batch` sequences)."""
+    from llamaserve.sampling_params import SamplingParams
+
+    s = ctx.sizes
+    prompts = ctx.w.random_prompts(batch, s.graph_input_len, engine.runner.arch.vocab_size, seed)
+    tokens = _add(engine, prompts, SamplingParams(temperature=0, max_tokens=s.graph_output_len, ignore_eos=True),
+                  f"b{batch}-")
+    while not all(tokens.values()):
+        _step(engine, tokens)
+    times = []
+    while engine.has_work():
+        start = time.perf_counter()
+        _step(engine, tokens)
+        ctx.w.sync(ctx.device)
+        times.append(time.perf_counter() - start)
+    return tokens, times
+
+
+def _sync_check(ctx, engine) -> dict:
+    """One decode step of a batch that uses every sampler stage (seeds, penalties, bias, top-k/p, min-p,
+    logprobs) under torch.cuda.set_sync_debug_mode("error"): anything in it that synchronises the host with the
+    device raises, except the wait for the step's one copy of sampled tokens (an event, which the mode does not
+    flag). Runs the runner's step directly: the engine would turn the error into failed requests."""
+    from llamaserve.sampling_params import SamplingParams
+
+    s, vocab = ctx.sizes, engine.runner.arch.vocab_size
+    common = dict(max_tokens=s.graph_output_len, ignore_eos=True)  # >= 3: prefill, a decode, the checked decode
+    params = [SamplingParams(temperature=0, **common),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=7, **common),
+              SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.2, presence_penalty=0.3, logprobs=5,
+                             **common),
+              SamplingParams(temperature=0.7, min_p=0.1, frequency_penalty=0.5, logit_bias={5: 2.0}, **common)]
+    tokens = {}
+    for i, p in enumerate(params):  # prompts of different lengths: the decodes' contexts differ
+        prompt = ctx.w.random_prompts(1, s.graph_input_len - 3 * i, vocab, 40 + i)
+        tokens.update(_add(engine, prompt, p, f"sync{i}-"))
+    while not all(tokens.values()):
+        _step(engine, tokens)
+    _step(engine, tokens)  # a decode step with every penalty row already built
+    step = engine.scheduler.schedule()
+    if ctx.device.type != "cuda":
+        engine.runner.execute(step)
+        return {"ok": None, "reason": "set_sync_debug_mode is CUDA only; the step ran without it"}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.runner.execute(step)
+        error = None
+    except RuntimeError as e:
+        error = f"{e}"[:2000]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.set_sync_debug_mode("error")  # the control: a plain .item() must raise
+    try:
+        torch.zeros(1, device=ctx.device).item()
+        control = False
+    except RuntimeError:
+        control = True
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return {"ok": error is None and control, "error": error, "control_item_raises": control,
+            "decodes": len(step.scheduled)}
+
+
 def cuda_graphs(ctx) -> dict:
-    return {"status": "not yet", "reason": "CUDA graphs for decode come after the ModelRunner split (issue "
-            "'GPU speed'); then this section compares eager and graph greedy tokens and step times"}
+    """The engine on the saved checkpoint with CUDA graphs for decode steps (the default on CUDA) against
+    --enforce-eager: the same greedy tokens, decode step times at a few batch sizes, and the sync-debug check
+    of a decode step in each mode. The two engines run one after the other, each with a fixed cache."""
+    s = ctx.sizes
+    most = max(s.graph_batches)
+    per_request = -(-(s.graph_input_len + s.graph_output_len) // BLOCK_SIZE)
+    options = dict(max_num_seqs=most, max_num_batched_tokens=max(s.max_num_batched_tokens, most),
+                   max_model_len=s.graph_input_len + s.graph_output_len + BLOCK_SIZE,
+                   num_blocks=sum(s.graph_batches) * per_request + 64)
+    out, tokens = {}, {}
+    for mode, eager in (("eager", True), ("graphs", False)):
+        began = time.perf_counter()
+        engine = _engine(ctx, enforce_eager=eager, **options)
+        result = {"load_seconds": time.perf_counter() - began, "graphs_captured": engine.runner.graphs is not None,
+                  "decode": {}}
+        if engine.runner.graphs is not None:
+            result["graph_batch_sizes"] = engine.runner.graphs.sizes
+        try:
+            tokens[mode] = {}
+            for b in s.graph_batches:
+                got, times = _decode_steps(ctx, engine, b, seed=60 + b)
+                tokens[mode].update(got)
+                times = sorted(times)
+                result["decode"][b] = {"steps": len(times), "median_step_ms": times[len(times) // 2] * 1e3,
+                                       "mean_step_ms": sum(times) / len(times) * 1e3,
+                                       "tok_per_s": b * len(times) / sum(times)}
+            result["attention_backend"] = engine.runner.model.attn_backend.name
+            result["sync_check"] = _sync_check(ctx, engine)
+        finally:
+            engine.shutdown()
+            del engine
+            ctx.w.free_device_memory(ctx.device)
+        out[mode] = result
+    equal = sum(a == b for rid in tokens["eager"] for a, b in zip(tokens["eager"][rid], tokens["graphs"][rid]))
+    total = sum(len(t) for t in tokens["eager"].values())
+    out["greedy_tokens_equal"] = equal
+    out["greedy_tokens_compared"] = total
+    out["first_divergence"] = {rid: next((i for i, (a, b) in enumerate(zip(t, tokens["graphs"][rid])) if a != b),
+                                         None) for rid, t in tokens["eager"].items()}
+    out["first_divergence"] = {k: v for k, v in out["first_divergence"].items() if v is not None}
+    out["speedup"] = {b: out["eager"]["decode"][b]["median_step_ms"] / out["graphs"]["decode"][b]["median_step_ms"]
+                      for b in s.graph_batches}
+    out["note"] = (f"{ctx.dtype}: graphs run the same kernels, but the Triton decode split is planned for "
+                   "max_model_len in a graph and per step eagerly, so bf16 sums may round apart late in a sequence")
+    return out
 
 
 def speed_13b(ctx) -> dict:

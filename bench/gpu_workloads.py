@@ -4,6 +4,7 @@ transformers' on the very same tensors), an engine-like driver over a paged KV c
 Nothing is downloaded: weights are random (transformers' own init), built where they run.
 """
 
+import gc
 import random
 import statistics
 import time
@@ -130,6 +131,12 @@ class PagedBatch:
         """[len(work), vocab] float32: the logits after each sequence's last new token."""
         ids, positions, meta = self.metadata(work)
         return self.model(ids, positions, self.kv, meta)
+
+
+def free_device_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(device) -> None:

@@ -24,6 +24,10 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint's name)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight and KV dtype (default float32)")
     p.add_argument("--device", help="torch device for weights and KV cache (default cpu; e.g. cuda)")
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton", "flashinfer"],
+                   help="paged attention kernels (default auto: FlashInfer, else Triton on CUDA; torch elsewhere)")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="on CUDA: run decode steps eagerly, without CUDA graphs (less startup time and memory)")
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default 2048)")
     p.add_argument("--max-num-seqs", type=int, help="requests in one engine step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int,

@@ -7,21 +7,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+# "auto": FlashInfer where installed, else the Triton kernels, on CUDA; the torch reference elsewhere.
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None  # checkpoint directory or .gguf file; None: the embedded default model
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"  # torch device of the weights and the KV cache
+    device: str = "cpu"  # torch device of the weights and the KV cache; tp ranks on cuda:N get GPUs N, N+1, ...
     chat_template: str | None = None  # built-in name (e.g. "llama-2") or .jinja file; None: the checkpoint's
     cache_dir: Path = Path.home() / ".cache" / "llamaserve"  # converted GGUF checkpoints live here
     show_progress: bool = False  # a progress bar while the weights load (the server turns it on)
     merge_lora: str | None = None  # a PEFT LoRA adapter folder folded into the weights at load
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (every step runs eagerly)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"not {self.attention_backend!r}")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
 
 

@@ -81,6 +81,23 @@ def test_chunked_prefill_does_not_change_greedy_output(checkpoint, reference):
     assert core.stats.steps > 32 * 12 / 16
 
 
+def test_penalties_kept_on_the_device_survive_batching_and_preemption(checkpoint):
+    """Penalty counts live on the device, advanced by each step's tokens and built again after a preemption:
+    a penalized greedy request gives its solo tokens whatever shares its steps and however often it is
+    preempted."""
+    penalized = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.4,
+                               presence_penalty=0.6, frequency_penalty=0.5)
+    prompt_list = prompts(16, seed=6)
+    expected = alone(checkpoint, prompt_list, penalized)
+    core = engine(checkpoint, num_blocks=24)  # 96 token slots for 16 requests of up to 100 tokens
+    mixed = {3 * (i // 4): [(str(j), prompt_list[j], penalized if j % 2 == 0 else GREEDY) for j in range(i, i + 4)]
+             for i in range(0, 16, 4)}
+    out = run(core, mixed)
+    assert core.stats.preemptions > 0
+    assert [out[str(i)] for i in range(0, 16, 2)] == expected[::2]
+    assert not core.runner.sampling.penalties.row_of  # every finished request gave its row back
+
+
 def test_prefix_cache_computes_only_new_tokens(checkpoint):
     rng = random.Random(7)
     prefix = [rng.randrange(3, 256) for _ in range(200)]

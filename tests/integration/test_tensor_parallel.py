@@ -39,11 +39,10 @@ def two_steps_of_logits(core: EngineCore, prompt_list: list[list[int]]) -> list[
     block_size = core.runner.block_size
     tables = [list(range(i * 30, (i + 1) * 30)) for i in range(len(prompt_list))]
     lens = [len(p) for p in prompt_list]
-    prefill = StepInputs([t for p in prompt_list for t in p], [i for n in lens for i in range(n)], lens, lens,
-                         tables, [True] * len(lens))
+    prefill = StepInputs([t for p in prompt_list for t in p], lens, lens, tables, [True] * len(lens))
     assert max(lens) < 30 * block_size
     first = core.runner.run_model(prefill)
-    decode = StepInputs(first.argmax(-1).tolist(), lens, [1] * len(lens), [n + 1 for n in lens], tables,
+    decode = StepInputs(first.argmax(-1).tolist(), [1] * len(lens), [n + 1 for n in lens], tables,
                         [True] * len(lens))
     return [first, core.runner.run_model(decode)]
 

@@ -1,10 +1,11 @@
 """Configuration: defaults < YAML < CLI flags; bad values refused with clear messages."""
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from llamaserve.cli import main
+from llamaserve.cli import add_serve_parser, config_options, main
 from llamaserve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, load_config
 from llamaserve.engine.workers import interface_toward
 
@@ -62,12 +63,28 @@ def test_tp_is_short_for_tensor_parallel_size(tmp_path):
         ({"nnodes": 0}, "nnodes"),
         ({"tensor_parallel_size": 2, "nnodes": 2, "node_rank": 2, "master_port": 29500}, r"node_rank must be in 0\.\.1"),
         ({"node_rank": -1}, "node_rank"),
+        ({"attention_backend": "flash"}, "attention_backend must be one of auto, torch, triton, flashinfer"),
         ({"tensor_parallel_size": 2, "nnodes": 2}, "master_port must be set when nnodes > 1"),
     ],
 )
 def test_bad_values_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, **options)
+
+
+def test_attention_backend_and_enforce_eager_from_yaml_and_flags(tmp_path):
+    assert (EngineConfig().model.attention_backend, EngineConfig().model.enforce_eager) == ("auto", False)
+    path = tmp_path / "deploy.yaml"
+    path.write_text("attention_backend: triton\nenforce_eager: true\n")
+    model = load_config(path)[0].model
+    assert (model.attention_backend, model.enforce_eager) == ("triton", True)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--attention-backend", "torch", "--enforce-eager"])
+    model = load_config(path, **config_options(args))[0].model
+    assert (model.attention_backend, model.enforce_eager) == ("torch", True)
+    unset = load_config(path, **config_options(parser.parse_args(["serve"])))[0].model
+    assert (unset.attention_backend, unset.enforce_eager) == ("triton", True)  # unset flags keep the YAML's
 
 
 def test_unknown_option_is_refused():

@@ -15,10 +15,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+from ..config import ATTENTION_BACKENDS
+from .staging import StagingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -50,39 +52,68 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
     ) -> "AttentionMetadata":
         """`sample[i]` says whether sequence i wants the logits of its last new token (default: all do).
-        Computed on the host with tensor ops (no loop per token), then copied to `device` in one transfer."""
-        num_seqs = len(query_lens)
-        blocks_used = [-(-s // block_size) for s in seq_lens]
-        width = max(blocks_used, default=0)
-        table = torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(block_tables, blocks_used)],
-                             dtype=torch.long).view(num_seqs, width)  # [num_seqs, max_blocks]
-        q = torch.tensor(query_lens, dtype=torch.long)  # [num_seqs]
-        s = torch.tensor(seq_lens, dtype=torch.long)
-        ends = q.cumsum(0)
-        starts = ends - q
-        token_seq = torch.repeat_interleave(q)  # [num_tokens]: each token's sequence
-        num_tokens = token_seq.numel()
-        pos = (s - q - starts)[token_seq] + torch.arange(num_tokens)  # [num_tokens] position in its sequence
-        slots = table[token_seq, pos // block_size] * block_size + pos % block_size
-        wanted = torch.ones(num_seqs, dtype=torch.bool) if sample is None else torch.tensor(sample, dtype=torch.bool)
-        parts = {
-            "slot_mapping": slots,
-            "token_seq_lens": s[token_seq],
-            "logits_indices": (ends - 1)[wanted],
-            "query_start_loc": torch.cat([torch.zeros(1, dtype=torch.long), ends]),
-            "seq_lens_tensor": s,
-            "block_table": table.view(-1),
-            "decode_seqs": (q == 1).nonzero().view(-1),
-            "prefill_seqs": (q > 1).nonzero().view(-1),
-        }
-        packed = torch.cat(list(parts.values())).to(device, non_blocking=True)
-        tensors = dict(zip(parts, packed.split([t.numel() for t in parts.values()])))
-        tensors["block_table"] = tensors["block_table"].view(num_seqs, width)
-        return cls(list(query_lens), list(seq_lens), block_tables, block_size, **tensors)
+        Computed on the host (step_layout), then copied to `device` in one transfer."""
+        staging = StagingBuffer(device, capacity=1 << 12).begin()
+        staged = StagedMetadata(query_lens, seq_lens, block_tables, block_size, sample, staging)
+        staging.send()
+        return staged.on_device()
 
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.numel()
+
+
+# The AttentionMetadata fields that step_layout computes, in its order.
+DEVICE_FIELDS = ("slot_mapping", "token_seq_lens", "logits_indices", "query_start_loc", "seq_lens_tensor",
+                 "block_table", "decode_seqs", "prefill_seqs")
+
+
+def step_layout(query_lens, seq_lens, block_tables, block_size: int, sample=None) -> dict[str, np.ndarray]:
+    """The flat int64 indices of one step, computed once on the host with numpy (no loop per token): each
+    token's position, plus the DEVICE_FIELDS of AttentionMetadata. `block_tables`: one row per sequence (a list,
+    or a row of a 2-D array) holding at least its ceil(seq_len / block_size) blocks."""
+    q = np.asarray(query_lens, dtype=np.int64)  # [num_seqs]
+    s = np.asarray(seq_lens, dtype=np.int64)
+    num_seqs = len(q)
+    ends = np.cumsum(q)
+    starts = ends - q
+    token_seq = np.repeat(np.arange(num_seqs), q)  # [num_tokens]: each token's sequence
+    num_tokens = len(token_seq)
+    positions = (s - q - starts)[token_seq] + np.arange(num_tokens)  # [num_tokens] position in its sequence
+    blocks_used = -(-s // block_size)
+    table = np.zeros((num_seqs, int(blocks_used.max(initial=0))), dtype=np.int64)  # [num_seqs, max_blocks]
+    for row, (blocks, n) in enumerate(zip(block_tables, blocks_used.tolist())):
+        table[row, :n] = blocks[:n]
+    wanted = np.ones(num_seqs, dtype=bool) if sample is None else np.asarray(sample, dtype=bool)
+    return {
+        "positions": positions,
+        "slot_mapping": table[token_seq, positions // block_size] * block_size + positions % block_size,
+        "token_seq_lens": s[token_seq],
+        "logits_indices": (ends - 1)[wanted],
+        "query_start_loc": np.concatenate([np.zeros(1, dtype=np.int64), ends]),
+        "seq_lens_tensor": s,
+        "block_table": table,
+        "decode_seqs": np.flatnonzero(q == 1),
+        "prefill_seqs": np.flatnonzero(q > 1),
+    }
+
+
+class StagedMetadata:
+    """One step's layout staged into a StagingBuffer (with the tokens' positions); `on_device()` after the send."""
+
+    def __init__(self, query_lens, seq_lens, block_tables, block_size: int, sample, staging: StagingBuffer):
+        self.query_lens, self.seq_lens, self.block_tables = list(query_lens), list(seq_lens), block_tables
+        self.block_size = block_size
+        self.fields = {name: staging.put(values) for name, values in
+                       step_layout(query_lens, seq_lens, block_tables, block_size, sample).items()}
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.fields["positions"].tensor()
+
+    def on_device(self) -> AttentionMetadata:
+        return AttentionMetadata(self.query_lens, self.seq_lens, self.block_tables, self.block_size,
+                                 **{name: self.fields[name].tensor() for name in DEVICE_FIELDS})
 
 
 class AttentionBackend(Protocol):

@@ -8,6 +8,7 @@ With one rank the same code runs with no communication. Attention goes through o
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,7 +125,9 @@ class LlamaForCausalLM(nn.Module):
         self.attn_backend: AttentionBackend | None = None
         self._attn_serves = None  # the (device, dtype) attn_backend was chosen for
 
-    def _attention(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    def attention_for(self, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+        """The backend serving attention on `device` in `dtype`, chosen the first time it is asked for."""
+        device = torch.device(device)
         if self._attn_serves != (device, dtype):
             backend = select_attention_backend(self.attention_backend, device, dtype, *self.heads, self.arch.head_dim)
             for layer in self.model.layers:
@@ -146,10 +149,13 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        attention_plan: Any = None,
     ) -> torch.Tensor | None:  # [num_sampled, vocab_size] float32 in meta.logits_indices order; None off rank 0
+        """`attention_plan`: the backend's plan for `meta`, made by the caller (a CUDA graph's, which serves
+        every replay); None: planned here."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, meta.token_seq_lens, x.dtype)
-        plan = self._attention(x.device, x.dtype).plan(meta)
+        plan = self.attention_for(x.device, x.dtype).plan(meta) if attention_plan is None else attention_plan
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta, plan)
         # Only the positions that will be sampled go through the final norm and the vocabulary projection.

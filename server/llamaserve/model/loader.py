@@ -171,15 +171,17 @@ def load_model(
     progress: bool = False,
     tp: TensorParallel = TensorParallel(),
     merge_lora: str | Path | None = None,
+    attention_backend: str = "auto",
 ) -> LlamaForCausalLM:
     """The model, or with `tp` one rank's shard of it: each rank reads only its own slices. `merge_lora`:
-    a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora)."""
+    a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora). `attention_backend`:
+    one of ATTENTION_BACKENDS (llamaserve.model.attention)."""
     path = Path(checkpoint)
     arch = ModelArchitecture.from_checkpoint(path)
     dtype = parse_dtype(dtype)
     # Build on the meta device, then allocate once in the target dtype: no random init, no copy.
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, tp)
+        model = LlamaForCausalLM(arch, tp, attention_backend)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     checkpoint = SafetensorsCheckpoint(path)

@@ -26,6 +26,8 @@ from torch import Tensor
 
 from llamaserve.sampling_params import SamplingParams
 
+from .staging import Staged, StagingBuffer
+
 
 @dataclass
 class SamplingBatch:
@@ -68,60 +70,114 @@ class SamplingBatch:
         grammar_bitmask: Tensor | None = None,
     ) -> "SamplingBatch":
         """`grammar_rows` and `grammar_bitmask` ([len(grammar_rows), ceil(vocab / 32)] int32, on the host
-        or the device): the constrained rows and their allowed tokens (see llamaserve.engine.grammar)."""
+        or the device): the constrained rows and their allowed tokens (see llamaserve.engine.grammar).
+        Penalty counts are counted here from the token lists; the engine keeps them on the device instead
+        (llamaserve.engine.runner.sampling) and goes through `stage`."""
         if not len(params) == len(generators) == len(prompt_token_ids) == len(output_token_ids):
             raise ValueError("params, generators and token id lists must have one entry per row")
+        staging = StagingBuffer(device, capacity=1 << 12).begin()
+        staged = cls.stage(params, generators, vocab_size, staging, grammar_rows)
+        staging.send()
+        output_counts = seen_mask = None
+        pen = staged.penalty_rows
+        if pen:
+            output_counts = _token_counts([output_token_ids[r] for r in pen], vocab_size, device)
+            if staged.use_repetition:
+                seen_mask = (_token_counts([prompt_token_ids[r] for r in pen], vocab_size, device) > 0) \
+                    | (output_counts > 0)
+        return staged.on_device(output_counts, seen_mask, grammar_bitmask)
 
-        def column(values, dtype=torch.float32) -> Tensor:  # [len(values), 1]
-            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+    @staticmethod
+    def stage(
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        staging: StagingBuffer,
+        grammar_rows: list[int] | None = None,
+    ) -> "StagedSampling":
+        """The step's sampling tensors written into `staging` before the forward pass; the batch itself comes
+        from StagedSampling.on_device once the buffer is sent."""
+        if len(params) != len(generators):
+            raise ValueError("params and generators must have one entry per row")
+
+        def column(values, dtype=torch.float32) -> Staged:  # [len(values), 1]
+            return staging.put([[v] for v in values], dtype)
 
         greedy = [p.greedy for p in params]
         sampled = [p for p in params if not p.greedy]
         all_greedy, any_greedy = all(greedy), any(greedy)
+        fields: dict[str, Staged] = {}
 
         bias_entries = [(row, tid, b) for row, p in enumerate(params) for tid, b in p.logit_bias.items()]
         if any(not 0 <= tid < vocab_size for _, tid, _ in bias_entries):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
-        bias = None
         if bias_entries:
             rows, tids, values = zip(*bias_entries)
-            bias = (
-                torch.tensor(rows, device=device),
-                torch.tensor(tids, device=device),
-                torch.tensor(values, dtype=torch.float32, device=device),
-            )
+            fields.update(bias_rows=staging.put(rows), bias_tokens=staging.put(tids),
+                          bias_values=staging.put(values, torch.float32))
 
         pen = [row for row, p in enumerate(params) if p.needs_penalties]
         pen_params = [params[row] for row in pen]
         use_rep = any(p.repetition_penalty != 1 for p in pen_params)
         use_counts = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in pen_params)
-        output_counts = _token_counts([output_token_ids[r] for r in pen], vocab_size, device) if pen else None
-        seen_mask = None
+        if pen:
+            fields["penalty_rows"] = staging.put(pen)
         if use_rep:
-            prompt_counts = _token_counts([prompt_token_ids[r] for r in pen], vocab_size, device)
-            seen_mask = (prompt_counts > 0) | (output_counts > 0)
-
-        return cls(
-            all_greedy=all_greedy,
-            greedy_mask=torch.tensor(greedy, device=device) if any_greedy and not all_greedy else None,
-            temperature=column([1.0 if p.greedy else p.temperature for p in params])
-            if any(p.temperature != 1 for p in sampled) else None,
-            top_k=column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
-            if any(p.top_k for p in sampled) else None,
-            top_p=column([p.top_p if p.top_p < 1 and not p.greedy else float("inf") for p in params])
-            if any(p.top_p < 1 for p in sampled) else None,
-            min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in sampled) else None,
-            bias=bias,
-            penalty_rows=torch.tensor(pen, dtype=torch.long, device=device) if pen else None,
-            repetition_penalty=column([p.repetition_penalty for p in pen_params]) if use_rep else None,
-            seen_mask=seen_mask,
-            presence_penalty=column([p.presence_penalty for p in pen_params]) if use_counts else None,
-            frequency_penalty=column([p.frequency_penalty for p in pen_params]) if use_counts else None,
-            output_counts=output_counts if use_counts else None,
+            fields["repetition_penalty"] = column([p.repetition_penalty for p in pen_params])
+        if use_counts:
+            fields["presence_penalty"] = column([p.presence_penalty for p in pen_params])
+            fields["frequency_penalty"] = column([p.frequency_penalty for p in pen_params])
+        if any_greedy and not all_greedy:
+            fields["greedy_mask"] = staging.put(greedy, torch.bool)
+        if any(p.temperature != 1 for p in sampled):
+            fields["temperature"] = column([1.0 if p.greedy else p.temperature for p in params])
+        if any(p.top_k for p in sampled):
+            fields["top_k"] = column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.int64)
+        if any(p.top_p < 1 for p in sampled):
+            fields["top_p"] = column([p.top_p if p.top_p < 1 and not p.greedy else float("inf") for p in params])
+        if any(p.min_p > 0 for p in sampled):
+            fields["min_p"] = column([p.min_p for p in params])
+        if grammar_rows:
+            fields["grammar_rows"] = staging.put(grammar_rows)
+        return StagedSampling(
+            all_greedy=all_greedy, fields=fields, penalty_rows=pen, use_repetition=use_rep, use_counts=use_counts,
             seeded=[(row, g) for row, g in enumerate(generators) if g is not None and not greedy[row]],
             max_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
-            grammar_rows=torch.tensor(grammar_rows, dtype=torch.long, device=device) if grammar_rows else None,
-            grammar_bitmask=grammar_bitmask.to(device, non_blocking=True) if grammar_rows else None,
+        )
+
+
+@dataclass
+class StagedSampling:
+    """A step's sampling inputs staged before the forward pass; a SamplingBatch once the staging buffer is sent."""
+
+    all_greedy: bool
+    fields: dict[str, Staged]  # SamplingBatch's tensor fields (bias in three parts), as staged
+    penalty_rows: list[int]  # the rows that use any penalty
+    use_repetition: bool  # some penalty row has a repetition penalty: the batch needs seen_mask
+    use_counts: bool  # some penalty row has a presence or frequency penalty: the batch needs output_counts
+    seeded: list[tuple[int, torch.Generator]]
+    max_logprobs: int | None
+
+    def on_device(self, output_counts: Tensor | None = None, seen_mask: Tensor | None = None,
+                  grammar_bitmask: Tensor | None = None) -> SamplingBatch:
+        """`output_counts` ([num_pen, vocab] float32) and `seen_mask` ([num_pen, vocab] bool, token in the prompt
+        or the output): the penalty rows' counts, needed when the stage found them used; `grammar_bitmask`
+        for the grammar rows, on the host (pinned) or the device."""
+        t = {name: staged.tensor() for name, staged in self.fields.items()}
+        bias = None
+        if "bias_rows" in t:
+            bias = (t["bias_rows"], t["bias_tokens"], t["bias_values"])
+        grammar_rows = t.get("grammar_rows")
+        if grammar_rows is not None:
+            grammar_bitmask = grammar_bitmask.to(grammar_rows.device, non_blocking=True)
+        return SamplingBatch(
+            all_greedy=self.all_greedy, greedy_mask=t.get("greedy_mask"), temperature=t.get("temperature"),
+            top_k=t.get("top_k"), top_p=t.get("top_p"), min_p=t.get("min_p"), bias=bias,
+            penalty_rows=t.get("penalty_rows"), repetition_penalty=t.get("repetition_penalty"),
+            seen_mask=seen_mask if self.use_repetition else None, presence_penalty=t.get("presence_penalty"),
+            frequency_penalty=t.get("frequency_penalty"), output_counts=output_counts if self.use_counts else None,
+            seeded=self.seeded, max_logprobs=self.max_logprobs, grammar_rows=grammar_rows,
+            grammar_bitmask=grammar_bitmask if grammar_rows is not None else None,
         )
 
 
@@ -132,7 +188,7 @@ def _token_counts(token_ids: list[list[int]], vocab_size: int, device) -> Tensor
     """
     width = max(map(len, token_ids), default=0)
     padded = [ids + [vocab_size] * (width - len(ids)) for ids in token_ids]
-    padded = torch.tensor(padded, dtype=torch.long).to(device)  # [rows, width]
+    padded = torch.tensor(padded, dtype=torch.long).view(len(token_ids), width).to(device)  # [rows, width]
     counts = torch.zeros(len(token_ids), vocab_size + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab_size]

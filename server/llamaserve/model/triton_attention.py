@@ -74,6 +74,16 @@ class TritonAttentionBackend:
         return TritonPlan(len(decode_lens), len(prefill_lens), max(prefill_lens, default=0), num_splits, partition,
                           partials)
 
+    def graph_plan(self, meta: AttentionMetadata) -> TritonPlan:
+        """The plan a CUDA graph of decodes is captured with, serving all its replays: `meta`'s host lengths are
+        the longest the graph will see (max_model_len), so that its split covers any context (partitions past
+        a sequence's end are empty, and the reduce weighs them 0); the kernels read the real lengths from the
+        device tensors."""
+        return self.plan(meta)
+
+    def update_graph_plan(self, plan: TritonPlan, meta: AttentionMetadata) -> None:
+        """Before a replay: nothing to do, the kernels read everything from the graph's buffers."""
+
     def _split(self, num_decodes: int, max_len: int) -> tuple[int, int]:
         """(partitions, positions per partition) for the decodes' contexts."""
         if self.partition_size is not None:
