@@ -56,6 +56,8 @@ class GGUFCheckpoint:
     `read_codes` for the tensors that load quantized. The file is memory-mapped by the `gguf` package;
     a read copies only the rows it asks for."""
 
+    group_size = BLOCK  # of the codes `read_codes` gives
+
     def __init__(self, path, arch: ModelArchitecture):
         self.path = path
         self._tensors = {}

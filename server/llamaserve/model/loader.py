@@ -207,7 +207,7 @@ def load_model(
     if quantization == "auto":
         for name, kind in plan.items():
             if kind == "int4":
-                modules[name].expect_codes(32)
+                modules[name].expect_codes(checkpoint.group_size)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     names = checkpoint.names()
