@@ -28,6 +28,12 @@ def add_serve_parser(subcommands) -> None:
                    help="paged attention kernels (default auto: FlashInfer, else Triton on CUDA; torch elsewhere)")
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="on CUDA: run decode steps eagerly, without CUDA graphs (less startup time and memory)")
+    p.add_argument("--quantization", choices=["none", "int8", "int4", "auto"],
+                   help="weight-only quantization of the decoder layers' linear weights at load: int8 per output "
+                   "channel, int4 in groups; auto: a .gguf file's Q4_0/Q4_1/Q8_0 tensors at their own precision "
+                   "(default none: a .gguf is de-quantized to float)")
+    p.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128, 256],
+                   help="int4: input features sharing a scale and minimum (default 32)")
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default 2048)")
     p.add_argument("--max-num-seqs", type=int, help="requests in one engine step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int,

@@ -9,6 +9,10 @@ from pathlib import Path
 DTYPES = ("float32", "bfloat16", "float16")
 # "auto": FlashInfer where installed, else the Triton kernels, on CUDA; the torch reference elsewhere.
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+# Weight-only quantization of the decoder layers' linear weights (llamaserve.model.quantization); "auto": a
+# GGUF file's Q4_0/Q4_1/Q8_0 tensors at their own precision, anything else unquantized.
+QUANTIZATIONS = ("none", "int8", "int4", "auto")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 
 
 @dataclass(frozen=True)
@@ -22,10 +26,17 @@ class ModelConfig:
     merge_lora: str | None = None  # a PEFT LoRA adapter folder folded into the weights at load
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (every step runs eagerly)
+    quantization: str = "none"  # one of QUANTIZATIONS; the LM head and the embeddings keep `dtype`
+    quantization_group_size: int = 32  # int4: input features per scale and minimum (GGUF's Q4 blocks are 32)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        if self.quantization_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                             f"not {self.quantization_group_size!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"not {self.attention_backend!r}")

@@ -71,7 +71,7 @@ class ModelRunner:
         self.device = rank_device(config.model.device, self.tp.size, config.parallel.local_rank(rank))
         self.dtype = parse_dtype(config.model.dtype)
         # Rank 0 resolves (and converts, once) the checkpoint and checks it splits before any worker starts.
-        self.checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir)
+        self.checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir, config.model.quantization)
         self.arch = ModelArchitecture.from_checkpoint(self.checkpoint)
         self.num_kv_heads = heads_per_rank(self.arch, self.tp.size)[1]
         self.group: StepGroup | None = None
@@ -81,7 +81,9 @@ class ModelRunner:
         self.config = config
         self.model = load_model(self.checkpoint, self.dtype, self.device, tp=self.tp,
                                 progress=config.model.show_progress and rank == 0, merge_lora=config.model.merge_lora,
-                                attention_backend=config.model.attention_backend)
+                                attention_backend=config.model.attention_backend,
+                                quantization=config.model.quantization,
+                                quantization_group_size=config.model.quantization_group_size)
         self.block_size = config.cache.block_size
         self.staging = StagingBuffer(self.device)
         self.sampling = SamplingState(self.arch.vocab_size, config.scheduler.max_num_seqs, self.device) \

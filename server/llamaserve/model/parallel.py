@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .quantization import GroupCodes, Int4Weight, Int8Weight
 from .sharding import TensorParallel
 
 
@@ -48,8 +49,12 @@ class Linear(nn.Module):
         self.shape = (out_features, in_features)  # this rank's, whatever layout packing gives the weight
         self.packed = False
         self.lora = None  # a llamaserve.model.lora.LoraStack once adapters are served
+        self.quantized: Int8Weight | Int4Weight | None = None  # replaces the weight after `quantize`
+        self.codes: GroupCodes | None = None  # 4-bit codes loaded as they are (GGUF), until `quantize`
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.matmul(x)
         if self.packed:
             rows = x.shape[0]
             padded = padded_rows(rows) if x.dim() == 2 else rows
@@ -67,6 +72,36 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)  # a tied weight keeps its own copy
         self.packed = True
 
+    # ---- weight-only quantization (llamaserve.model.quantization) -----------------------------------
+
+    def expect_codes(self, group_size: int) -> None:
+        """Before allocation (on the meta device): this layer loads 4-bit codes, not a float weight."""
+        self.weight = nn.Parameter(torch.empty(0, device=self.weight.device), requires_grad=False)
+        out_features, in_features = self.shape
+        self.codes = GroupCodes(torch.empty(out_features, in_features, dtype=torch.uint8),
+                                torch.empty(out_features, in_features // group_size),
+                                torch.empty(out_features, in_features // group_size), group_size)
+
+    def load_codes(self, codes: GroupCodes, rows: slice = slice(None)) -> None:
+        """Copy a checkpoint's codes (this rank's slice) into rows of this layer's."""
+        self.codes.q[rows].copy_(codes.q)
+        self.codes.scales[rows].copy_(codes.scales)
+        self.codes.mins[rows].copy_(codes.mins)
+
+    def quantize(self, kind: str, group_size: int) -> None:
+        """Replace the weight by its int8 or int4 form: from the loaded codes when there are some, else
+        quantized from the float weight. What is left in `weight` is an empty placeholder of the layer's
+        dtype and device (what LoRA stacks read)."""
+        dtype, device = self.weight.dtype, self.weight.device
+        if self.codes is not None:
+            self.quantized = Int4Weight.from_codes(self.codes, dtype, device)
+        elif kind == "int8":
+            self.quantized = Int8Weight.quantize(self.weight.detach(), dtype)
+        else:
+            self.quantized = Int4Weight.quantize(self.weight.detach(), group_size, dtype)
+        self.codes = None
+        self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+
 
 class ColumnParallelLinear(Linear):
     """Several projections of one input fused into one weight (q/k/v, gate/up), each split by output rows.
@@ -83,11 +118,14 @@ class ColumnParallelLinear(Linear):
         self.full_sizes = {name: size for name, (size, _) in parts.items()}  # part -> checkpoint rows
 
     def checkpoint_shape(self, part: str) -> tuple[int, ...]:
-        return self.full_sizes[part], self.weight.shape[1]
+        return self.full_sizes[part], self.shape[1]
 
     def load_weight(self, checkpoint, name: str, part: str) -> None:
         start, stop = self.slices[part]
         offset = sum(self.part_sizes[: list(self.slices).index(part)])  # where the part sits in the fused weight
+        if self.codes is not None:
+            self.load_codes(checkpoint.read_codes(name, 0, start, stop), rows=slice(offset, offset + stop - start))
+            return
         self.weight.data[offset : offset + stop - start].copy_(checkpoint.read(name, 0, start, stop))
 
 
@@ -100,9 +138,12 @@ class RowParallelLinear(Linear):
         self.tp, self.columns, self.in_features = tp, columns, in_features
 
     def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
-        return self.weight.shape[0], self.in_features
+        return self.shape[0], self.in_features
 
     def load_weight(self, checkpoint, name: str, part: None = None) -> None:
+        if self.codes is not None:
+            self.load_codes(checkpoint.read_codes(name, 1, *self.columns))
+            return
         self.weight.data.copy_(checkpoint.read(name, 1, *self.columns))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""The batch-1 decode step per precision against the weight-read bound, on the default model.
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=server python bench/decode_step.py [--context 128] [--steps 200]
+
+A decode step at batch 1 reads every weight once, so it can take no less than (bytes of the weights it
+reads) / (memory bandwidth). The bandwidth is measured here, as the copy of a 1 GiB tensor (2 bytes moved
+per byte copied); the step is the model's forward for one new token after `--context` tokens, through
+the paged KV cache (no sampling, no engine). The precisions run in rounds, interleaved, so a neighbour's
+load on this shared machine hits all of them alike; the figures are medians.
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
+from llamaserve.model.loader import load_model, resolve_checkpoint
+from llamaserve.model.parallel import Linear
+
+PRECISIONS = {  # name -> (dtype, quantization)
+    "float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
+    "int8 (bf16)": ("bfloat16", "int8"), "int4 (bf16)": ("bfloat16", "int4"),
+    "int4 gguf (bf16)": ("bfloat16", "auto"), "int4 gguf (f32)": ("float32", "auto"),
+}
+
+
+def bandwidth_gb_s(gib: float = 1.0, repeat: int = 5) -> float:
+    src = torch.ones(int(gib * 2**30) // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeat))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(model) -> int:
+    """What a batch-1 step reads: every linear weight as stored (packed or quantized) and the norms; of the
+    embedding only one row (its table is the LM head's weight when tied, counted there)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            if module.quantized is not None:
+                total += sum(t.numel() * t.element_size() for t in vars(module.quantized).values()
+                             if isinstance(t, torch.Tensor))
+            else:
+                total += module.weight.numel() * module.weight.element_size()
+    norms = [p for name, p in model.named_parameters() if "norm" in name]
+    return total + sum(p.numel() * p.element_size() for p in norms)
+
+
+class DecodeStep:
+    def __init__(self, model, context: int, block_size: int = 16):
+        arch = model.arch
+        self.model = model
+        blocks = context // block_size + 2
+        dtype = model.model.embed_tokens.weight.dtype
+        self.kv = allocate_kv_cache(arch.num_hidden_layers, blocks, block_size, arch.num_key_value_heads,
+                                    arch.head_dim, dtype, "cpu")
+        self.meta = AttentionMetadata.build([1], [context + 1], [list(range(blocks))], block_size)
+        self.ids, self.positions = torch.tensor([42]), torch.tensor([context])
+
+    def __call__(self):
+        return self.model(self.ids, self.positions, self.kv, self.meta)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=128, help="tokens already in the cache")
+    parser.add_argument("--steps", type=int, default=100, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    args = parser.parse_args()
+    cache = Path.home() / ".cache" / "llamaserve"
+    bandwidth = bandwidth_gb_s()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory bandwidth (1 GiB copy) "
+          f"{bandwidth:.1f} GB/s; context {args.context}")
+    steps, sizes = {}, {}
+    for name in args.precisions:
+        dtype, quantization = PRECISIONS[name]
+        model = load_model(resolve_checkpoint(None, cache, quantization), dtype, quantization=quantization)
+        steps[name], sizes[name] = DecodeStep(model, args.context), weight_bytes(model)
+        steps[name]()
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+    print(f"| precision | weights read per step | bound at {bandwidth:.1f} GB/s | decode step (median) | "
+          "step / bound |")
+    print("|---|---|---|---|---|")
+    for name in steps:
+        bound = sizes[name] / bandwidth / 1e6  # ms
+        step = statistics.median(times[name])
+        print(f"| {name} | {sizes[name] / 1e6:.0f} MB | {bound:.2f} ms | {step:.2f} ms | {step / bound:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
