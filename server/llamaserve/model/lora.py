@@ -169,49 +169,58 @@ class LoraStack:
         delta = ((x @ A^T) * (one-hot of each token's slot, spread over its columns)) @ B^T
 
     Columns are (slot, part, rank) in that order: a fused layer (q/k/v, gate/up) has a block per part,
-    its B block-diagonal over the parts' output rows. Scaling is folded into B.
-
-    On CPU, where the base weight is packed for oneDNN (see parallel.Linear), the second matmul rides in
-    the base one: the layer's weight becomes [W | B] and its input [x, masked x @ A^T], so a projection
-    costs two oneDNN calls (the first with the mask fused) where the delta alone took three MKL ones. At
-    decode sizes every call is overhead-bound, and MKL's GEMM costs 2-3x a packed oneDNN matmul there.
-    That path computes every slot, in use or not, and a step without adapters still multiplies zeros by B."""
+    its B block-diagonal over the parts' output rows. Scaling is folded into B."""
 
     def __init__(self, context: LoraContext, num_slots: int, rank: int, part_rows: list[tuple[int, int]],
-                 in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+                 in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
+                 packed: bool = False):
         self.context = context
         self.num_slots, self.rank, self.part_rows = num_slots, rank, part_rows  # part -> (offset, rows) of output
-        self.columns = num_slots * len(part_rows) * rank
-        self.a = torch.zeros(self.columns, in_features, dtype=dtype, device=device)  # [slots * parts * rank, in]
-        self.b = torch.zeros(out_features, self.columns, dtype=dtype, device=device)  # [out, slots * parts * rank]
-        self.a_packed: torch.Tensor | None = None  # A packed for oneDNN, when the base layer is packed
+        columns = num_slots * len(part_rows) * rank
+        self.a = torch.zeros(columns, in_features, dtype=dtype, device=device)  # [slots * parts * rank, in]
+        self.b = torch.zeros(out_features, columns, dtype=dtype, device=device)  # [out, slots * parts * rank]
+        self.packed = packed  # on CPU, as the base layer's weight: the delta runs through oneDNN too
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slots -> packed A and B of 0 .. slots-1
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         onehot = self.context.onehot
         if onehot is None:
             return y
+        if self.packed:
+            return self._add_packed(y, x)
         columns = onehot.shape[1] * len(self.part_rows) * self.rank  # the active slots' columns lead
         xa = x @ self.a[:columns].T  # [tokens, active slots * parts * rank]
         xa.view(x.shape[0], onehot.shape[1], -1).mul_(onehot.unsqueeze(-1))  # keep each token's own slot
         return y.addmm_(xa, self.b[:, :columns].T)  # in place: at decode sizes these matmuls are overhead-bound
 
-    def extend(self, x: torch.Tensor) -> torch.Tensor:
-        """The packed path's input: [rows, in] -> [rows, in + columns], x then (x @ A^T) * mask (zeros in
-        a step without adapters), padded as the base matmul's."""
-        if self.context.onehot is None:
-            return F.pad(x, (0, self.columns))
-        mask = self.context.mask(x.shape[0], self.num_slots, len(self.part_rows) * self.rank)  # [rows, columns]
-        xa = torch.ops.mkldnn._linear_pointwise.binary(x, mask, self.a_packed, None, "mul")  # (x @ A^T) * mask
-        return torch.cat([x, xa], dim=1)
+    def _add_packed(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The delta as two oneDNN matmuls over weights packed as the base layer's are (see parallel.Linear),
+        the mask fused into the first and the add into the second: at decode sizes each call is overhead-bound,
+        and MKL's GEMM costs 2-3x oneDNN's there. x: [rows, in] and y: [rows, out], padded as the base matmul's."""
+        slots = self.context.onehot.shape[1]
+        slots = min(1 << (slots - 1).bit_length(), self.num_slots)  # 1, 2, 4, ...: few packed copies
+        a, b = self._packed_stacks(slots)
+        width = len(self.part_rows) * self.rank
+        mask = self.context.mask(x.shape[0], slots, width)  # [rows, slots * width]
+        xa = torch.ops.mkldnn._linear_pointwise.binary(x, mask, a, None, "mul")  # (x @ A^T) * mask
+        return torch.ops.mkldnn._linear_pointwise.binary(xa, y, b, None, "add")  # xa @ B^T + y
 
-    def pack(self, pack) -> None:
-        """After the slots change, on CPU: `pack` (parallel.Linear.pack_weight) A for oneDNN."""
-        self.a_packed = pack(self.a)
+    def _packed_stacks(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of slots 0 .. slots-1, packed for oneDNN; packed again after a slot changes."""
+        stacks = self._packed.get(slots)
+        if stacks is None:
+            from .parallel import Linear
+
+            columns = slots * len(self.part_rows) * self.rank
+            pack = Linear.pack_weight
+            stacks = self._packed[slots] = (pack(self.a[:columns]), pack(self.b[:, :columns].contiguous()))
+        return stacks
 
     def clear(self, slot: int) -> None:
         width = len(self.part_rows) * self.rank
         self.a[slot * width : (slot + 1) * width].zero_()
         self.b[:, slot * width : (slot + 1) * width].zero_()
+        self._packed.clear()
 
     def set(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [r, in] and b: [rows of the part, r] (this rank's slices), r <= rank."""
@@ -220,6 +229,7 @@ class LoraStack:
         offset, rows = self.part_rows[part]
         self.a[start : start + r].copy_(a)
         self.b[offset : offset + rows, start : start + r].copy_(b)
+        self._packed.clear()
 
 
 class LoraManager:
@@ -234,7 +244,6 @@ class LoraManager:
         self._cache: dict[str, LoraAdapter] = {}  # path -> adapter read from it
         modules = dict(model.named_modules())
         self._stacks = {}
-        self._stale = False  # slots changed since the layers were last packed
         for name, module in modules.items():
             if isinstance(module, ColumnParallelLinear):
                 offsets = [sum(module.part_sizes[:i]) for i in range(len(module.part_sizes))]
@@ -246,9 +255,8 @@ class LoraManager:
             weight = module.weight  # packed on CPU, but its dtype and device are the layer's
             out_features, in_features = module.shape
             module.lora = LoraStack(self.context, num_slots, max_rank, part_rows, in_features, out_features,
-                                    weight.dtype, weight.device)
+                                    weight.dtype, weight.device, module.packed)
             self._stacks[name] = module
-            self._pack(module)
 
     def adapter(self, path: str) -> LoraAdapter:
         if path not in self._cache:
@@ -288,22 +296,10 @@ class LoraManager:
                 index = list(module.slices).index(part)
             dtype = module.lora.a.dtype
             module.lora.set(slot, index, a.to(dtype), b.to(dtype))
-        self._stale = True  # packed again at the next step, once however many slots it loads
-
-    @staticmethod
-    def _pack(module) -> None:
-        """On CPU: the layer's weight packed again as [W | B], and A for oneDNN (see LoraStack)."""
-        if module.packed:
-            module.pack_for_cpu(lora_b=module.lora.b)
-            module.lora.pack(module.pack_weight)
 
     def set_step(self, token_slots: torch.Tensor | None, active: int = 0) -> None:
         """token_slots: [num_tokens] long, each token's slot or -1 for the base model, all below `active`
         (known on the host, so no device sync); None: no adapter in the step."""
-        if self._stale:
-            for module in self._stacks.values():
-                self._pack(module)
-            self._stale = False
         if token_slots is None:
             self.context.set(None)
             return

@@ -57,8 +57,6 @@ class Linear(nn.Module):
         if self.lora is None:
             return self.matmul(x)
         rows, x = x.shape[0], self._padded(x)  # the LoRA delta runs at the base matmul's rows
-        if self.packed:  # the weight is [W | B] (see LoraStack)
-            return self._matmul(self.lora.extend(x))[:rows]
         return self.lora.add_to(self._matmul(x), x)[:rows]
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,13 +77,8 @@ class Linear(nn.Module):
         """weight ([out, in]) in oneDNN's blocked layout, for `torch.ops.mkldnn._linear_pointwise`."""
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), cls.PACK_BATCH_SIZE_HINT)
 
-    def pack_for_cpu(self, lora_b: torch.Tensor | None = None) -> None:
-        """Packs the weight, or packs it again as [W | lora_b] ([out, in + columns]) for a LoRA delta whose
-        x @ A^T comes as extra input columns (see llamaserve.model.lora.LoraStack)."""
-        weight = self.weight.to_dense()[:, : self.shape[1]] if self.packed else self.weight  # [out, in]
-        if lora_b is not None:
-            weight = torch.cat([weight, lora_b], dim=1)
-        self.weight = nn.Parameter(self.pack_weight(weight), requires_grad=False)  # a tied weight: its own copy
+    def pack_for_cpu(self) -> None:
+        self.weight = nn.Parameter(self.pack_weight(self.weight), requires_grad=False)  # a tied weight: its own copy
         self.packed = True
 
 
@@ -104,7 +97,7 @@ class ColumnParallelLinear(Linear):
         self.full_sizes = {name: size for name, (size, _) in parts.items()}  # part -> checkpoint rows
 
     def checkpoint_shape(self, part: str) -> tuple[int, ...]:
-        return self.full_sizes[part], self.shape[1]
+        return self.full_sizes[part], self.weight.shape[1]
 
     def load_weight(self, checkpoint, name: str, part: str) -> None:
         start, stop = self.slices[part]
@@ -121,7 +114,7 @@ class RowParallelLinear(Linear):
         self.tp, self.columns, self.in_features = tp, columns, in_features
 
     def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
-        return self.shape[0], self.in_features
+        return self.weight.shape[0], self.in_features
 
     def load_weight(self, checkpoint, name: str, part: None = None) -> None:
         self.weight.data.copy_(checkpoint.read(name, 1, *self.columns))
