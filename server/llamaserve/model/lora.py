@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .loader import SafetensorsCheckpoint
 
@@ -144,6 +145,21 @@ class LoraContext:
         # [num_tokens, active slots] in the model's dtype; None: no adapter. Only slots 0 .. active-1 are
         # computed: slots are handed out lowest first, so a step with one adapter pays for one.
         self.onehot: torch.Tensor | None = None
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}  # (slots, columns per slot) -> mask, this step
+
+    def set(self, onehot: torch.Tensor | None) -> None:
+        self.onehot = onehot
+        self._masks.clear()
+
+    def mask(self, rows: int, slots: int, width: int) -> torch.Tensor:
+        """[rows, slots * width]: each token's one-hot spread over its slot's `width` columns, over `slots`
+        slots (at least the active ones), zero in the rows past the step's tokens (a packed matmul's padding)."""
+        mask = self._masks.get((slots, width))
+        if mask is None:
+            onehot = self.onehot
+            onehot = F.pad(onehot, (0, slots - onehot.shape[1], 0, rows - onehot.shape[0]))
+            mask = self._masks[(slots, width)] = onehot.repeat_interleave(width, dim=1)
+        return mask
 
 
 class LoraStack:
@@ -156,26 +172,55 @@ class LoraStack:
     its B block-diagonal over the parts' output rows. Scaling is folded into B."""
 
     def __init__(self, context: LoraContext, num_slots: int, rank: int, part_rows: list[tuple[int, int]],
-                 in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+                 in_features: int, out_features: int, dtype: torch.dtype, device: torch.device,
+                 packed: bool = False):
         self.context = context
         self.num_slots, self.rank, self.part_rows = num_slots, rank, part_rows  # part -> (offset, rows) of output
         columns = num_slots * len(part_rows) * rank
         self.a = torch.zeros(columns, in_features, dtype=dtype, device=device)  # [slots * parts * rank, in]
         self.b = torch.zeros(out_features, columns, dtype=dtype, device=device)  # [out, slots * parts * rank]
+        self.packed = packed  # on CPU, as the base layer's weight: the delta runs through oneDNN too
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slots -> packed A and B of 0 .. slots-1
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         onehot = self.context.onehot
         if onehot is None:
             return y
+        if self.packed:
+            return self._add_packed(y, x)
         columns = onehot.shape[1] * len(self.part_rows) * self.rank  # the active slots' columns lead
         xa = x @ self.a[:columns].T  # [tokens, active slots * parts * rank]
         xa.view(x.shape[0], onehot.shape[1], -1).mul_(onehot.unsqueeze(-1))  # keep each token's own slot
         return y.addmm_(xa, self.b[:, :columns].T)  # in place: at decode sizes these matmuls are overhead-bound
 
+    def _add_packed(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The delta as two oneDNN matmuls over weights packed as the base layer's are (see parallel.Linear),
+        the mask fused into the first and the add into the second: at decode sizes each call is overhead-bound,
+        and MKL's GEMM costs 2-3x oneDNN's there. x: [rows, in] and y: [rows, out], padded as the base matmul's."""
+        slots = self.context.onehot.shape[1]
+        slots = min(1 << (slots - 1).bit_length(), self.num_slots)  # 1, 2, 4, ...: few packed copies
+        a, b = self._packed_stacks(slots)
+        width = len(self.part_rows) * self.rank
+        mask = self.context.mask(x.shape[0], slots, width)  # [rows, slots * width]
+        xa = torch.ops.mkldnn._linear_pointwise.binary(x, mask, a, None, "mul")  # (x @ A^T) * mask
+        return torch.ops.mkldnn._linear_pointwise.binary(xa, y, b, None, "add")  # xa @ B^T + y
+
+    def _packed_stacks(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of slots 0 .. slots-1, packed for oneDNN; packed again after a slot changes."""
+        stacks = self._packed.get(slots)
+        if stacks is None:
+            from .parallel import Linear
+
+            columns = slots * len(self.part_rows) * self.rank
+            pack = Linear.pack_weight
+            stacks = self._packed[slots] = (pack(self.a[:columns]), pack(self.b[:, :columns].contiguous()))
+        return stacks
+
     def clear(self, slot: int) -> None:
         width = len(self.part_rows) * self.rank
         self.a[slot * width : (slot + 1) * width].zero_()
         self.b[:, slot * width : (slot + 1) * width].zero_()
+        self._packed.clear()
 
     def set(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [r, in] and b: [rows of the part, r] (this rank's slices), r <= rank."""
@@ -184,6 +229,7 @@ class LoraStack:
         offset, rows = self.part_rows[part]
         self.a[start : start + r].copy_(a)
         self.b[offset : offset + rows, start : start + r].copy_(b)
+        self._packed.clear()
 
 
 class LoraManager:
@@ -209,7 +255,7 @@ class LoraManager:
             weight = module.weight  # packed on CPU, but its dtype and device are the layer's
             out_features, in_features = module.shape
             module.lora = LoraStack(self.context, num_slots, max_rank, part_rows, in_features, out_features,
-                                    weight.dtype, weight.device)
+                                    weight.dtype, weight.device, module.packed)
             self._stacks[name] = module
 
     def adapter(self, path: str) -> LoraAdapter:
@@ -255,7 +301,7 @@ class LoraManager:
         """token_slots: [num_tokens] long, each token's slot or -1 for the base model, all below `active`
         (known on the host, so no device sync); None: no adapter in the step."""
         if token_slots is None:
-            self.context.onehot = None
+            self.context.set(None)
             return
-        onehot = torch.nn.functional.one_hot(token_slots + 1, active + 1)[:, 1:]
-        self.context.onehot = onehot.to(next(iter(self._stacks.values())).lora.a.dtype)
+        onehot = F.one_hot(token_slots + 1, active + 1)[:, 1:]
+        self.context.set(onehot.to(next(iter(self._stacks.values())).lora.a.dtype))

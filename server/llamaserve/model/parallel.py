@@ -53,23 +53,37 @@ class Linear(nn.Module):
         self.codes: GroupCodes | None = None  # 4-bit codes loaded as they are (GGUF), until `quantize`
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        return self._matmul(self._padded(x))[:rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora is None:
+            return self.matmul(x)
+        rows, x = x.shape[0], self._padded(x)  # the LoRA delta runs at the base matmul's rows
+        return self.lora.add_to(self._matmul(x), x)[:rows]
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x with zero rows below, up to `padded_rows`, for a packed matmul: a row's result does not depend
+        on the others."""
+        rows = x.shape[0]
+        if not self.packed or x.dim() != 2 or padded_rows(rows) == rows:
+            return x
+        return F.pad(x, (0, 0, 0, padded_rows(rows) - rows))
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return self.quantized.matmul(x)
         if self.packed:
-            rows = x.shape[0]
-            padded = padded_rows(rows) if x.dim() == 2 else rows
-            if padded != rows:  # zero rows below: a row's result does not depend on the others
-                x = F.pad(x, (0, 0, 0, padded - rows))
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")[:rows]
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         return F.linear(x, self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        return y if self.lora is None else self.lora.add_to(y, x)
+    @classmethod
+    def pack_weight(cls, weight: torch.Tensor) -> torch.Tensor:
+        """weight ([out, in]) in oneDNN's blocked layout, for `torch.ops.mkldnn._linear_pointwise`."""
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), cls.PACK_BATCH_SIZE_HINT)
 
     def pack_for_cpu(self) -> None:
-        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.PACK_BATCH_SIZE_HINT)
-        self.weight = nn.Parameter(packed, requires_grad=False)  # a tied weight keeps its own copy
+        self.weight = nn.Parameter(self.pack_weight(self.weight), requires_grad=False)  # a tied weight: its own copy
         self.packed = True
 
     # ---- weight-only quantization (llamaserve.model.quantization) -----------------------------------
@@ -147,9 +161,7 @@ class RowParallelLinear(Linear):
         self.weight.data.copy_(checkpoint.read(name, 1, *self.columns))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        if self.lora is not None:  # a partial delta from this rank's input columns, summed with the rest
-            y = self.lora.add_to(y, x)
+        y = super().forward(x)  # with a LoRA delta: a partial one from this rank's input columns
         if self.tp.size > 1:
             dist.all_reduce(y)
         return y
