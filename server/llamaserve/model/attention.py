@@ -196,7 +196,10 @@ class _Group:
     rows: torch.Tensor  # [n] long: the query rows (of G * max_q) that are real tokens
     dest: torch.Tensor  # [n] long: the flat token each of those rows is
     block_tables: torch.Tensor  # [G, max_blocks] long: each sequence's cache blocks (0 where padded)
-    mask: torch.Tensor  # [G, 1, max_q * queries_per_kv, max_blocks * block_size] bool: True = may attend
+    mask: torch.Tensor | None  # [G, 1, max_q * queries_per_kv, max_blocks * block_size] bool: True = may attend
+    decode: bool = False  # one new token per sequence: no query padding, rows are the sequences
+    context: int | None = None  # a lone decode's seq_len: K/V cut to it, so no mask at all
+    whole_step: bool = False  # a decode group of every token of the step in order: no gather or scatter of q
 
 
 # Decodes are bucketed by context length so that short contexts are not padded to the longest:
@@ -230,7 +233,10 @@ class TorchAttentionBackend:
                 buckets.append([])
             buckets[-1].append(i)
         device = meta.slot_mapping.device
-        return [self._group(meta, members, starts, device) for members in prefills + buckets]
+        groups = [self._group(meta, members, starts, device) for members in prefills + buckets]
+        if len(groups) == 1 and not prefills and buckets[0] == sorted(buckets[0]):
+            groups[0].whole_step = True  # batch 1, or decodes already in context order
+        return groups
 
     def _group(self, meta: AttentionMetadata, members: list[int], starts: list[int], device) -> _Group:
         bs = meta.block_size
@@ -254,7 +260,11 @@ class TorchAttentionBackend:
         # Where the valid rows go, found here on the host: a boolean index on the device would sync.
         rows = token_valid.view(-1).nonzero().view(-1)
         dest = token_index.view(-1)[rows]
-        return _Group(*(t.to(device, non_blocking=True) for t in (token_index, rows, dest, tables, mask)))
+        group = _Group(*(t.to(device, non_blocking=True) for t in (token_index, rows, dest, tables, mask)))
+        group.decode = max_q == 1
+        if group.decode and len(members) == 1:  # K/V cut to the context instead of masked
+            group.context, group.mask = meta.seq_lens[members[0]], None
+        return group
 
     def forward(
         self,
@@ -271,6 +281,12 @@ class TorchAttentionBackend:
         v_flat.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for g in plan:
+            if g.decode:  # fewer copies and index ops: one query row per sequence
+                og = self._decode(q, kv_cache, g)  # [G, num_heads, head_dim]
+                if g.whole_step:
+                    return og.view(q.shape[0], -1)
+                out[g.dest] = og
+                continue
             num_seqs, max_q = g.token_index.shape
             # Stack each KV head's query heads along the query axis: no K/V repetition for GQA.
             qg = q[g.token_index].view(num_seqs, max_q, self.num_kv_heads, self.queries_per_kv, self.head_dim)
@@ -281,6 +297,18 @@ class TorchAttentionBackend:
             og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs * max_q, self.num_heads, self.head_dim)
             out[g.dest] = og[g.rows]
         return out.view(q.shape[0], -1)
+
+    def _decode(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], g: _Group) -> torch.Tensor:
+        """One decode group: [G, num_heads, head_dim]. Each KV head's query heads stack as its query rows
+        (no K/V repetition for GQA); with one token a sequence that is a view of q, not a permuted copy."""
+        num_seqs = g.block_tables.shape[0]
+        qg = (q if g.whole_step else q[g.dest]).reshape(num_seqs, self.num_kv_heads, self.queries_per_kv,
+                                                          self.head_dim)
+        kg, vg = (self._gather(cache, g.block_tables) for cache in kv_cache)
+        if g.context is not None:
+            kg, vg = kg[:, :, : g.context], vg[:, :, : g.context]
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)  # [G, kv_heads, queries_per_kv, head_dim]
+        return og.reshape(num_seqs, self.num_heads, self.head_dim)
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         """[G, num_kv_heads, max_blocks * block_size, head_dim]: each sequence's cached K (or V) in order.
