@@ -200,6 +200,7 @@ class _Group:
     decode: bool = False  # one new token per sequence: no query padding, rows are the sequences
     context: int | None = None  # a lone decode's seq_len: K/V cut to it, so no mask at all
     whole_step: bool = False  # a decode group of every token of the step in order: no gather or scatter of q
+    block_range: tuple[int, int] | None = None  # a lone sequence's blocks when consecutive: K/V read in place
 
 
 # Decodes are bucketed by context length so that short contexts are not padded to the longest:
@@ -262,8 +263,12 @@ class TorchAttentionBackend:
         dest = token_index.view(-1)[rows]
         group = _Group(*(t.to(device, non_blocking=True) for t in (token_index, rows, dest, tables, mask)))
         group.decode = max_q == 1
-        if group.decode and len(members) == 1:  # K/V cut to the context instead of masked
-            group.context, group.mask = meta.seq_lens[members[0]], None
+        if len(members) == 1:
+            blocks = meta.block_tables[members[0]][:max_blocks]
+            if all(b == blocks[0] + i for i, b in enumerate(blocks)):  # a view of the cache, not a copy
+                group.block_range = (blocks[0], blocks[0] + max_blocks)
+            if group.decode:  # K/V cut to the context instead of masked
+                group.context, group.mask = meta.seq_lens[members[0]], None
         return group
 
     def forward(
@@ -279,7 +284,7 @@ class TorchAttentionBackend:
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
         v_flat.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = None if plan[0].whole_step else torch.empty_like(q)
         for g in plan:
             if g.decode:  # fewer copies and index ops: one query row per sequence
                 og = self._decode(q, kv_cache, g)  # [G, num_heads, head_dim]
@@ -291,7 +296,7 @@ class TorchAttentionBackend:
             # Stack each KV head's query heads along the query axis: no K/V repetition for GQA.
             qg = q[g.token_index].view(num_seqs, max_q, self.num_kv_heads, self.queries_per_kv, self.head_dim)
             qg = qg.permute(0, 2, 1, 3, 4).reshape(num_seqs, self.num_kv_heads, -1, self.head_dim)
-            kg, vg = (self._gather(cache, g.block_tables) for cache in kv_cache)
+            kg, vg = (self._gather(cache, g) for cache in kv_cache)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
             og = og.view(num_seqs, self.num_kv_heads, max_q, self.queries_per_kv, self.head_dim)
             og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs * max_q, self.num_heads, self.head_dim)
@@ -304,15 +309,20 @@ class TorchAttentionBackend:
         num_seqs = g.block_tables.shape[0]
         qg = (q if g.whole_step else q[g.dest]).reshape(num_seqs, self.num_kv_heads, self.queries_per_kv,
                                                           self.head_dim)
-        kg, vg = (self._gather(cache, g.block_tables) for cache in kv_cache)
+        kg, vg = (self._gather(cache, g) for cache in kv_cache)
         if g.context is not None:
             kg, vg = kg[:, :, : g.context], vg[:, :, : g.context]
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)  # [G, kv_heads, queries_per_kv, head_dim]
         return og.reshape(num_seqs, self.num_heads, self.head_dim)
 
-    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, g: _Group) -> torch.Tensor:
         """[G, num_kv_heads, max_blocks * block_size, head_dim]: each sequence's cached K (or V) in order.
-        index_select copies whole blocks; advanced indexing (cache[tables]) was 3-5x slower on CPU."""
-        num_seqs, max_blocks = block_tables.shape
-        blocks = cache.index_select(0, block_tables.view(-1))  # [G * max_blocks, block_size, kv_heads, head_dim]
+        A lone sequence on consecutive blocks reads them in place (at 4,096 tokens the copy was 2 MiB per
+        layer and tensor, as much as its weights in int4); otherwise index_select copies whole blocks
+        (advanced indexing, cache[tables], was 3-5x slower on CPU)."""
+        num_seqs, max_blocks = g.block_tables.shape
+        if g.block_range is not None:
+            blocks = cache[g.block_range[0] : g.block_range[1]]  # [max_blocks, block_size, kv_heads, head_dim]
+        else:
+            blocks = cache.index_select(0, g.block_tables.view(-1))  # [G * max_blocks, block_size, ...]
         return blocks.view(num_seqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
