@@ -1,6 +1,6 @@
 """The batch-1 decode step per precision against the weight-read bound, on the default model.
 
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=server python bench/decode_step.py [--context 128] [--steps 200]
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=server python bench/decode_step.py [--context 128] [--steps 200] [--batch 1]
 
 A decode step at batch 1 reads every weight once, so it can take no less than (bytes of the weights it
 reads) / (memory bandwidth). The bandwidth is measured here, as the copy of a 1 GiB tensor (2 bytes moved
@@ -57,15 +57,17 @@ def weight_bytes(model) -> int:
 
 
 class DecodeStep:
-    def __init__(self, model, context: int, block_size: int = 16):
+    def __init__(self, model, context: int, batch: int = 1, block_size: int = 16):
         arch = model.arch
         self.model = model
-        blocks = context // block_size + 2
+        contexts = [context + 4 * (i % 8) for i in range(batch)]  # one decode bucket, not in context order
+        blocks = max(contexts) // block_size + 2  # per sequence
         dtype = model.model.embed_tokens.weight.dtype
-        self.kv = allocate_kv_cache(arch.num_hidden_layers, blocks, block_size, arch.num_key_value_heads,
+        self.kv = allocate_kv_cache(arch.num_hidden_layers, blocks * batch, block_size, arch.num_key_value_heads,
                                     arch.head_dim, dtype, "cpu")
-        self.meta = AttentionMetadata.build([1], [context + 1], [list(range(blocks))], block_size)
-        self.ids, self.positions = torch.tensor([42]), torch.tensor([context])
+        tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch)]
+        self.meta = AttentionMetadata.build([1] * batch, [c + 1 for c in contexts], tables, block_size)
+        self.ids, self.positions = torch.tensor([42] * batch), torch.tensor(contexts)
 
     def __call__(self):
         return self.model(self.ids, self.positions, self.kv, self.meta)
@@ -74,6 +76,7 @@ class DecodeStep:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=128, help="tokens already in the cache")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded per step")
     parser.add_argument("--steps", type=int, default=100, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
@@ -81,12 +84,12 @@ def main() -> None:
     cache = Path.home() / ".cache" / "llamaserve"
     bandwidth = bandwidth_gb_s()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory bandwidth (1 GiB copy) "
-          f"{bandwidth:.1f} GB/s; context {args.context}")
+          f"{bandwidth:.1f} GB/s; context {args.context}, batch {args.batch}")
     steps, sizes = {}, {}
     for name in args.precisions:
         dtype, quantization = PRECISIONS[name]
         model = load_model(resolve_checkpoint(None, cache, quantization), dtype, quantization=quantization)
-        steps[name], sizes[name] = DecodeStep(model, args.context), weight_bytes(model)
+        steps[name], sizes[name] = DecodeStep(model, args.context, args.batch), weight_bytes(model)
         steps[name]()
     times = {name: [] for name in steps}
     for _ in range(args.rounds):

@@ -196,7 +196,11 @@ class _Group:
     rows: torch.Tensor  # [n] long: the query rows (of G * max_q) that are real tokens
     dest: torch.Tensor  # [n] long: the flat token each of those rows is
     block_tables: torch.Tensor  # [G, max_blocks] long: each sequence's cache blocks (0 where padded)
-    mask: torch.Tensor  # [G, 1, max_q * queries_per_kv, max_blocks * block_size] bool: True = may attend
+    mask: torch.Tensor | None  # [G, 1, max_q * queries_per_kv, max_blocks * block_size] bool: True = may attend
+    decode: bool = False  # one new token per sequence: no query padding, rows are the sequences
+    context: int | None = None  # a lone decode's seq_len: K/V cut to it, so no mask at all
+    whole_step: bool = False  # a decode group of every token of the step in order: no gather or scatter of q
+    block_range: tuple[int, int] | None = None  # a lone sequence's blocks when consecutive: K/V read in place
 
 
 # Decodes are bucketed by context length so that short contexts are not padded to the longest:
@@ -230,7 +234,10 @@ class TorchAttentionBackend:
                 buckets.append([])
             buckets[-1].append(i)
         device = meta.slot_mapping.device
-        return [self._group(meta, members, starts, device) for members in prefills + buckets]
+        groups = [self._group(meta, members, starts, device) for members in prefills + buckets]
+        if len(groups) == 1 and not prefills and buckets[0] == sorted(buckets[0]):
+            groups[0].whole_step = True  # batch 1, or decodes already in context order
+        return groups
 
     def _group(self, meta: AttentionMetadata, members: list[int], starts: list[int], device) -> _Group:
         bs = meta.block_size
@@ -254,7 +261,15 @@ class TorchAttentionBackend:
         # Where the valid rows go, found here on the host: a boolean index on the device would sync.
         rows = token_valid.view(-1).nonzero().view(-1)
         dest = token_index.view(-1)[rows]
-        return _Group(*(t.to(device, non_blocking=True) for t in (token_index, rows, dest, tables, mask)))
+        group = _Group(*(t.to(device, non_blocking=True) for t in (token_index, rows, dest, tables, mask)))
+        group.decode = max_q == 1
+        if len(members) == 1:
+            blocks = meta.block_tables[members[0]][:max_blocks]
+            if all(b == blocks[0] + i for i, b in enumerate(blocks)):  # a view of the cache, not a copy
+                group.block_range = (blocks[0], blocks[0] + max_blocks)
+            if group.decode:  # K/V cut to the context instead of masked
+                group.context, group.mask = meta.seq_lens[members[0]], None
+        return group
 
     def forward(
         self,
@@ -269,22 +284,45 @@ class TorchAttentionBackend:
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
         v_flat.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = None if plan[0].whole_step else torch.empty_like(q)
         for g in plan:
+            if g.decode:  # fewer copies and index ops: one query row per sequence
+                og = self._decode(q, kv_cache, g)  # [G, num_heads, head_dim]
+                if g.whole_step:
+                    return og.view(q.shape[0], -1)
+                out[g.dest] = og
+                continue
             num_seqs, max_q = g.token_index.shape
             # Stack each KV head's query heads along the query axis: no K/V repetition for GQA.
             qg = q[g.token_index].view(num_seqs, max_q, self.num_kv_heads, self.queries_per_kv, self.head_dim)
             qg = qg.permute(0, 2, 1, 3, 4).reshape(num_seqs, self.num_kv_heads, -1, self.head_dim)
-            kg, vg = (self._gather(cache, g.block_tables) for cache in kv_cache)
+            kg, vg = (self._gather(cache, g) for cache in kv_cache)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
             og = og.view(num_seqs, self.num_kv_heads, max_q, self.queries_per_kv, self.head_dim)
             og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs * max_q, self.num_heads, self.head_dim)
             out[g.dest] = og[g.rows]
         return out.view(q.shape[0], -1)
 
-    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], g: _Group) -> torch.Tensor:
+        """One decode group: [G, num_heads, head_dim]. Each KV head's query heads stack as its query rows
+        (no K/V repetition for GQA); with one token a sequence that is a view of q, not a permuted copy."""
+        num_seqs = g.block_tables.shape[0]
+        qg = (q if g.whole_step else q[g.dest]).reshape(num_seqs, self.num_kv_heads, self.queries_per_kv,
+                                                          self.head_dim)
+        kg, vg = (self._gather(cache, g) for cache in kv_cache)
+        if g.context is not None:
+            kg, vg = kg[:, :, : g.context], vg[:, :, : g.context]
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)  # [G, kv_heads, queries_per_kv, head_dim]
+        return og.reshape(num_seqs, self.num_heads, self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, g: _Group) -> torch.Tensor:
         """[G, num_kv_heads, max_blocks * block_size, head_dim]: each sequence's cached K (or V) in order.
-        index_select copies whole blocks; advanced indexing (cache[tables]) was 3-5x slower on CPU."""
-        num_seqs, max_blocks = block_tables.shape
-        blocks = cache.index_select(0, block_tables.view(-1))  # [G * max_blocks, block_size, kv_heads, head_dim]
+        A lone sequence on consecutive blocks reads them in place (at 4,096 tokens the copy was 2 MiB per
+        layer and tensor, as much as its weights in int4); otherwise index_select copies whole blocks
+        (advanced indexing, cache[tables], was 3-5x slower on CPU)."""
+        num_seqs, max_blocks = g.block_tables.shape
+        if g.block_range is not None:
+            blocks = cache[g.block_range[0] : g.block_range[1]]  # [max_blocks, block_size, kv_heads, head_dim]
+        else:
+            blocks = cache.index_select(0, g.block_tables.view(-1))  # [G * max_blocks, block_size, ...]
         return blocks.view(num_seqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
