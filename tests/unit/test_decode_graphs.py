@@ -9,9 +9,6 @@ child process that reports JSON lines.
 """
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -21,8 +18,8 @@ import torch
 
 from llamaserve.engine.runner.graphs import batch_sizes
 from llamaserve.engine.runner.inputs import StepInputs
+from tests.unit.child import run_child
 
-ROOT = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 8
 MAX_NUM_SEQS = 6  # buckets 1, 2, 4, 6
 MAX_MODEL_LEN = 600  # long enough that the graph plan splits every context, leaving empty partitions
@@ -36,15 +33,7 @@ def test_buckets_are_powers_of_two_then_max_num_seqs():
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "tests.unit.test_decode_graphs"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    out = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            out.update(json.loads(line))
-    assert out, f"the child reported nothing (exit {done.returncode}):\n{done.stderr[-3000:]}"
-    return out
+    return run_child("tests.unit.test_decode_graphs", interpret=True, timeout=900)
 
 
 def test_padded_replays_match_eager_decode_steps(results):

@@ -9,7 +9,6 @@ runs every program of a grid one after another in numpy.
 
 import importlib.util
 import json
-import os
 import random
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from llamaserve.model.attention import AttentionMetadata, TorchAttentionBackend, select_attention_backend
+from tests.unit.child import run_child as run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_KV_HEADS = 2
@@ -77,17 +77,7 @@ def test_engine_and_model_import_without_the_api_packages():
 
 def run_child(what: str, interpret: bool) -> dict:
     """This module as a script in a fresh process; its JSON lines merged into one dict."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run([sys.executable, "-m", "tests.unit.test_triton_attention", what], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    results = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            results.update(json.loads(line))
-    assert results, f"the {what} child reported nothing (exit {done.returncode}):\n{done.stderr[-3000:]}"
-    return results
+    return run_module("tests.unit.test_triton_attention", what, interpret=interpret)
 
 
 @pytest.fixture(scope="module")
