@@ -18,13 +18,26 @@ import time
 
 import torch
 
-from llamaserve.model.quantization import Int4Weight, Int8Weight, dyn_quant_4bit
+from llamaserve.model.quantization import Int4Weight, Int8Weight
 
 # SmolLM2-135M: (out, in) of every decoder projection, fused as the model runs them, and the separate ones.
 SHAPES = {
     "qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576": (3072, 576),
     "down 576x1536": (576, 1536), "k/v 192x576": (192, 576), "gate 1536x576": (1536, 576),
 }
+
+
+def dyn_quant_4bit(weight: torch.Tensor, group_size: int):
+    """`_dyn_quant_matmul_4bit` over symmetric 4-bit groups (activations quantized to int8 per step), as a
+    callable of x [n, in] float32: compared here, not served (no fast x86 path)."""
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, -1, group_size)
+    scales = (groups.abs().amax(-1) / 7).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (groups / scales.unsqueeze(-1) + 8).round_().clamp_(0, 15).to(torch.uint8).view(out_features, in_features)
+    nibbles = (q[:, 1::2] << 4 | q[:, ::2]).contiguous()
+    packed = torch.ops.aten._dyn_quant_pack_4bit_weight(nibbles, scales.reshape(-1).contiguous(), None, group_size,
+                                                        in_features, out_features)
+    return lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, packed, group_size, in_features, out_features)
 
 
 def kernels(weight: torch.Tensor, fast_only: bool) -> dict:
@@ -41,7 +54,7 @@ def kernels(weight: torch.Tensor, fast_only: bool) -> dict:
         int8.scales = int8.scales.to(dtype)
         out[f"int8 {name}"] = (int8.matmul, dtype)
         for group in (32, 64):
-            int4 = Int4Weight.quantize(weight, group, dtype)
+            int4 = Int4Weight.quantize(weight, group)
             int4.scale_zeros = int4.scale_zeros.to(dtype)
             out[f"int4 g{group} {name}"] = (int4.matmul, dtype)
     if not fast_only:

@@ -8,6 +8,8 @@ import os
 import sys
 from dataclasses import replace
 
+from llamaserve.config import ATTENTION_BACKENDS, INT4_GROUP_SIZES, QUANTIZATIONS
+
 
 def add_serve_parser(subcommands) -> None:
     p = subcommands.add_parser(
@@ -24,15 +26,15 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint's name)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight and KV dtype (default float32)")
     p.add_argument("--device", help="torch device for weights and KV cache (default cpu; e.g. cuda)")
-    p.add_argument("--attention-backend", choices=["auto", "torch", "triton", "flashinfer"],
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                    help="paged attention kernels (default auto: FlashInfer, else Triton on CUDA; torch elsewhere)")
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="on CUDA: run decode steps eagerly, without CUDA graphs (less startup time and memory)")
-    p.add_argument("--quantization", choices=["none", "int8", "int4", "auto"],
+    p.add_argument("--quantization", choices=QUANTIZATIONS,
                    help="weight-only quantization of the decoder layers' linear weights at load: int8 per output "
                    "channel, int4 in groups; auto: a .gguf file's Q4_0/Q4_1/Q8_0 tensors at their own precision "
                    "(default none: a .gguf is de-quantized to float)")
-    p.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128, 256],
+    p.add_argument("--quantization-group-size", type=int, choices=INT4_GROUP_SIZES,
                    help="int4: input features sharing a scale and minimum (default 32)")
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default 2048)")
     p.add_argument("--max-num-seqs", type=int, help="requests in one engine step (default 64)")

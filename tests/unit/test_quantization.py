@@ -48,7 +48,7 @@ def test_int4_layer_logits_equal_its_dequantized_weight(group_size):
     step = (groups.amax(-1) - groups.amin(-1)) / 15  # [out, groups]
     error = (codes.dequantize() - linear.weight.detach()).view(OUT, -1, group_size).abs()
     assert (error <= step.unsqueeze(-1) / 2 * 1.01).all()
-    reference = Int4Weight.from_codes(codes, torch.float32, "cpu").dequantize(codes)  # bf16-rounded scales
+    reference = Int4Weight.from_codes(codes, "cpu").dequantize(codes)  # bf16-rounded scales
     linear.quantize("int4", group_size)
     y = linear(x)
     assert (y - x @ reference.T).abs().max() < bf16_tolerance(x, reference)

@@ -108,11 +108,11 @@ class Linear(nn.Module):
         dtype and device (what LoRA stacks read)."""
         dtype, device = self.weight.dtype, self.weight.device
         if self.codes is not None:
-            self.quantized = Int4Weight.from_codes(self.codes, dtype, device)
+            self.quantized = Int4Weight.from_codes(self.codes, device)
         elif kind == "int8":
             self.quantized = Int8Weight.quantize(self.weight.detach(), dtype)
         else:
-            self.quantized = Int4Weight.quantize(self.weight.detach(), group_size, dtype)
+            self.quantized = Int4Weight.quantize(self.weight.detach(), group_size)
         self.codes = None
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
 

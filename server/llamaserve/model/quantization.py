@@ -96,11 +96,13 @@ class Int4Weight:
         self.shape = shape  # (out, in)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> "Int4Weight":
-        return cls.from_codes(GroupCodes.from_float(weight, group_size), dtype, weight.device)
+    def quantize(cls, weight: torch.Tensor, group_size: int) -> "Int4Weight":
+        return cls.from_codes(GroupCodes.from_float(weight, group_size), weight.device)
 
     @classmethod
-    def from_codes(cls, codes: GroupCodes, dtype: torch.dtype, device: torch.device | str) -> "Int4Weight":
+    def from_codes(cls, codes: GroupCodes, device: torch.device | str) -> "Int4Weight":
+        """Packed for `device`'s kernel, with bfloat16 scales and activations on every device (tinygemm's only
+        dtype on CUDA; on CPU the vectorised one)."""
         if codes.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, not {codes.group_size}")
         device = torch.device(device)
@@ -109,12 +111,10 @@ class Int4Weight:
         q = codes.q.to(device)
         if device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            dtype = torch.bfloat16
         else:  # tinygemm: two codes a byte, the even one in the high nibble; tiles of 16 * inner_k input features
             inner_k = next(k for k in (8, 4, 2) if q.shape[1] % (16 * k) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), inner_k)
-            dtype = torch.bfloat16  # tinygemm's only activation dtype
-        return cls(packed, scale_zeros.to(device, dtype), codes.group_size, tuple(codes.q.shape))
+        return cls(packed, scale_zeros.to(device, torch.bfloat16), codes.group_size, tuple(codes.q.shape))
 
     def dequantize(self, codes: GroupCodes) -> torch.Tensor:  # [out, in] float32, as the kernel sees `codes`
         """`codes` dequantized with this weight's (rounded) scales and zeros: the reference tests compare to."""
@@ -130,15 +130,3 @@ class Int4Weight:
             y = torch.ops.aten._weight_int4pack_mm(xq, self.packed, self.group_size, self.scale_zeros)
         return y.to(x.dtype)
 
-
-def dyn_quant_4bit(weight: torch.Tensor, group_size: int):
-    """`_dyn_quant_matmul_4bit` over symmetric 4-bit groups (activations quantized to int8 per step): only
-    for bench/quant_kernels.py's comparison, as a callable of x [n, in] float32."""
-    out_features, in_features = weight.shape
-    groups = weight.float().view(out_features, -1, group_size)
-    scales = (groups.abs().amax(-1) / 7).clamp_min(torch.finfo(torch.float32).tiny)
-    q = (groups / scales.unsqueeze(-1) + 8).round_().clamp_(0, 15).to(torch.uint8).view(out_features, in_features)
-    nibbles = (q[:, 1::2] << 4 | q[:, ::2]).contiguous()
-    packed = torch.ops.aten._dyn_quant_pack_4bit_weight(nibbles, scales.reshape(-1).contiguous(), None, group_size,
-                                                        in_features, out_features)
-    return lambda x: torch.ops.aten._dyn_quant_matmul_4bit(x, packed, group_size, in_features, out_features)
