@@ -20,11 +20,21 @@ from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
 from llamaserve.model.loader import load_model, resolve_checkpoint
 from llamaserve.model.parallel import Linear
 
-PRECISIONS = {  # name -> (dtype, quantization)
-    "float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"),
-    "int8 (bf16)": ("bfloat16", "int8"), "int4 (bf16)": ("bfloat16", "int4"),
-    "int4 gguf (bf16)": ("bfloat16", "auto"), "int4 gguf (f32)": ("float32", "auto"),
+PRECISIONS = {  # name -> load_model's dtype, quantization and kernel choice
+    "float32": ("float32", "none", True), "bfloat16": ("bfloat16", "none", True),
+    "bfloat16 (oneDNN)": ("bfloat16", "none", False),
+    "int8 (bf16)": ("bfloat16", "int8", True), "int4 (bf16)": ("bfloat16", "int4", True),
+    "int4 gguf (bf16)": ("bfloat16", "auto", True), "int4 gguf (f32)": ("float32", "auto", True),
 }
+CACHE = Path.home() / ".cache" / "llamaserve"
+
+
+def load(precision: str):
+    """The default model at one of PRECISIONS; "bfloat16" runs llamaserve's bf16 kernel where this CPU has it,
+    "(oneDNN)" does not."""
+    dtype, quantization, cpu_kernels = PRECISIONS[precision]
+    return load_model(resolve_checkpoint(None, CACHE, quantization), dtype, quantization=quantization,
+                      cpu_kernels=cpu_kernels)
 
 
 def bandwidth_gb_s(gib: float = 1.0, repeat: int = 5) -> float:
@@ -81,14 +91,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     args = parser.parse_args()
-    cache = Path.home() / ".cache" / "llamaserve"
     bandwidth = bandwidth_gb_s()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory bandwidth (1 GiB copy) "
           f"{bandwidth:.1f} GB/s; context {args.context}, batch {args.batch}")
     steps, sizes = {}, {}
     for name in args.precisions:
-        dtype, quantization = PRECISIONS[name]
-        model = load_model(resolve_checkpoint(None, cache, quantization), dtype, quantization=quantization)
+        model = load(name)
         steps[name], sizes[name] = DecodeStep(model, args.context, args.batch), weight_bytes(model)
         steps[name]()
     times = {name: [] for name in steps}

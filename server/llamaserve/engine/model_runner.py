@@ -83,7 +83,8 @@ class ModelRunner:
                                 progress=config.model.show_progress and rank == 0, merge_lora=config.model.merge_lora,
                                 attention_backend=config.model.attention_backend,
                                 quantization=config.model.quantization,
-                                quantization_group_size=config.model.quantization_group_size)
+                                quantization_group_size=config.model.quantization_group_size,
+                                cpu_kernels=config.model.cpu_kernels, cache_dir=config.model.cache_dir)
         self.block_size = config.cache.block_size
         self.staging = StagingBuffer(self.device)
         self.sampling = SamplingState(self.arch.vocab_size, config.scheduler.max_num_seqs, self.device) \

@@ -16,6 +16,7 @@ from torch import nn
 
 from .architecture import ModelArchitecture
 from .attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata, select_attention_backend
+from .cpu_kernels import Bf16Gemm
 from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
 from .sharding import TensorParallel, heads_per_rank
@@ -162,12 +163,13 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(self.model.norm(x[meta.logits_indices]))
         return None if logits is None else logits.float()
 
-    def pack_for_cpu(self) -> None:
-        """Hand every float linear layer's weight to oneDNN (see parallel.Linear), where it serves the dtype."""
+    def pack_for_cpu(self, gemm: Bf16Gemm | None = None) -> None:
+        """Hand every float linear layer's weight to a CPU kernel (see parallel.Linear): `gemm` where it serves
+        the layer, else oneDNN, where that serves the dtype."""
         for module in self.modules():
             if isinstance(module, Linear) and module.quantized is None and \
                     module.weight.dtype in (torch.float32, torch.bfloat16):
-                module.pack_for_cpu()
+                module.pack_for_cpu(gemm)
 
     def quantization_plan(self, quantization: str, checkpoint) -> dict[str, str]:
         """Decoder linear layer -> "int8" or "int4", for the layers `quantization` (one of QUANTIZATIONS)

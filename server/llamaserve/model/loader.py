@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..config import DTYPES
+from ..config import DTYPES, ModelConfig
 from .architecture import ModelArchitecture
+from .cpu_kernels import bf16_gemm
 from .llama import LlamaForCausalLM
 from .sharding import TensorParallel
 
@@ -179,11 +180,15 @@ def load_model(
     attention_backend: str = "auto",
     quantization: str = "none",
     quantization_group_size: int = 32,
+    cpu_kernels: bool = True,
+    cache_dir: Path = ModelConfig.cache_dir,
 ) -> LlamaForCausalLM:
     """The model, or with `tp` one rank's shard of it: each rank reads only its own slices. `merge_lora`:
     a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora). `attention_backend`:
     one of ATTENTION_BACKENDS (llamaserve.model.attention). `quantization`: one of QUANTIZATIONS
-    (llamaserve.model.quantization); "auto" on a converted GGUF reads the file itself (model.gguf)."""
+    (llamaserve.model.quantization); "auto" on a converted GGUF reads the file itself (model.gguf).
+    `cpu_kernels`: on CPU, bfloat16 layers run llamaserve's own matmul kernel where it runs (built in
+    `cache_dir`, llamaserve.model.cpu_kernels), the rest oneDNN."""
     path = Path(checkpoint)
     arch = ModelArchitecture.from_checkpoint(path)
     dtype = parse_dtype(dtype)
@@ -219,7 +224,7 @@ def load_model(
         log.info("quantization %s: %s", quantization, ", ".join(
             f"{sum(kind == k for kind in plan.values())} layers {k}" for k in sorted(set(plan.values()))))
     if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
-        model.pack_for_cpu()
+        model.pack_for_cpu(bf16_gemm(cache_dir) if cpu_kernels and dtype == torch.bfloat16 else None)
     return model.eval()
 
 
