@@ -31,8 +31,8 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="on CUDA: run decode steps eagerly, without CUDA graphs (less startup time and memory)")
     p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false", default=None,
-                   help="on CPU: run bfloat16 linear layers on oneDNN, not on llamaserve's own AVX-512 BF16 kernel "
-                   "(built with the system's C compiler on first use)")
+                   help="on CPU: run bfloat16 linear layers on oneDNN and LoRA deltas on torch's matmuls, not on "
+                   "llamaserve's own AVX-512 kernels (built with the system's C compiler on first use)")
     p.add_argument("--quantization", choices=QUANTIZATIONS,
                    help="weight-only quantization of the decoder layers' linear weights at load: int8 per output "
                    "channel, int4 in groups; auto: a .gguf file's Q4_0/Q4_1/Q8_0 tensors at their own precision "

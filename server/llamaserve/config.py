@@ -28,7 +28,7 @@ class ModelConfig:
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (every step runs eagerly)
     quantization: str = "none"  # one of QUANTIZATIONS; the LM head and the embeddings keep `dtype`
     quantization_group_size: int = 32  # int4: input features per scale and minimum (GGUF's Q4 blocks are 32)
-    cpu_kernels: bool = True  # on CPU: bfloat16 layers on llamaserve's own AVX-512 kernel where it runs, not oneDNN
+    cpu_kernels: bool = True  # on CPU: bfloat16 layers and LoRA deltas on llamaserve's own AVX-512 kernels where they run
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -12,8 +12,9 @@ from transformers import LlamaForCausalLM as ReferenceLlama
 from llamaserve.config import EngineConfig
 from llamaserve.engine.core import EngineCore
 from llamaserve.engine.messages import AddRequest, LoadAdapter, UnloadAdapter
+from llamaserve.model.cpu_kernels import lora_delta
 from llamaserve.model.loader import load_model
-from llamaserve.model.lora import AdapterError, LoraAdapter, LoraManager
+from llamaserve.model.lora import AdapterError, LoraAdapter, LoraManager, LoraStack, SegmentedLoraStack
 from llamaserve.sampling_params import SamplingParams
 from tests.conftest import make_tiny_checkpoint
 from tests.integration.test_model_parity import PagedSequences
@@ -198,12 +199,19 @@ def test_an_adapter_for_another_base_is_refused(base, tmp_path):
         load_model(base, merge_lora=adapter)
 
 
-def test_slot_logits_equal_peft_for_each_adapter_in_one_mixed_step(base, adapters):
+@pytest.mark.parametrize("on_kernel", [True, False], ids=["kernel", "torch"])
+def test_slot_logits_equal_peft_for_each_adapter_in_one_mixed_step(base, adapters, tmp_path, on_kernel):
     """Three sequences in one step, under the base, adapter a (slot 0) and adapter b (slot 1), then
-    decodes in the same mix: each row equals PeftModel's (or the base's) logits."""
+    decodes in the same mix: each row equals PeftModel's (or the base's) logits, on llamaserve's CPU kernel
+    (model/csrc/lora.c) and on the torch stacks it replaces."""
     paths, _, _ = adapters
     model = load_model(base)
-    lora = LoraManager(model, num_slots=2, max_rank=8)
+    kernel = lora_delta(tmp_path / "cache") if on_kernel else None
+    if on_kernel and kernel is None:
+        pytest.skip("this machine cannot run the AVX-512 LoRA kernel")
+    lora = LoraManager(model, num_slots=2, max_rank=8, kernel=kernel)
+    stacks = {type(module.lora) for module in model.modules() if getattr(module, "lora", None) is not None}
+    assert stacks == {SegmentedLoraStack if on_kernel else LoraStack}
     for slot, name in enumerate("ab"):
         lora.load(slot, lora.adapter(paths[name]))
     sequences = PagedSequences(model)

@@ -39,6 +39,7 @@ from llamaserve.engine.runner.sampling import SamplingState
 from llamaserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from llamaserve.model.architecture import ModelArchitecture
 from llamaserve.model.attention import allocate_kv_cache
+from llamaserve.model.cpu_kernels import lora_delta
 from llamaserve.model.loader import load_model, parse_dtype, resolve_checkpoint
 from llamaserve.model.lora import LoraManager
 from llamaserve.model.sampler import SamplingBatch
@@ -90,7 +91,8 @@ class ModelRunner:
         self.sampling = SamplingState(self.arch.vocab_size, config.scheduler.max_num_seqs, self.device) \
             if rank == 0 else None
         lora = config.lora
-        self.lora = LoraManager(self.model, lora.max_loras, lora.max_lora_rank) if lora.enabled else None
+        kernel = lora_delta(config.model.cache_dir) if config.model.cpu_kernels and self.device.type == "cpu" else None
+        self.lora = LoraManager(self.model, lora.max_loras, lora.max_lora_rank, kernel) if lora.enabled else None
         self.slots = AdapterSlots(self.lora)
         self.graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.graph_memory_bytes: int | None = None  # what the graphs hold, as measured for the KV sizing

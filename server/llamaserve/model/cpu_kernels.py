@@ -4,7 +4,8 @@ Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source
 version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
 next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
 torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
-instructions, a build error) `bf16_gemm` returns None, logs why once, and the layers keep oneDNN.
+instructions, a build error) `bf16_gemm` and `lora_delta` return None, log why once, and the layers keep
+oneDNN (or torch's LoRA matmuls).
 
 The libraries link libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded:
 their OpenMP loops run on torch's own threads, `torch.get_num_threads()` of them.
@@ -27,6 +28,8 @@ SOURCES = Path(__file__).with_name("csrc")
 BF16_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC",
               "-shared"]
 BF16_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}  # as /proc/cpuinfo spells them
+LORA_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+LORA_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
 
 
 class KernelUnavailable(RuntimeError):
@@ -102,14 +105,63 @@ class Bf16Gemm:
         return y
 
 
+class LoraDelta:
+    """y[t] += B_s @ (A_s @ x[t]) for each token t with an adapter slot s, from that slot alone (csrc/lora.c): one
+    call a projection, whatever mix of adapters and base tokens the batch holds, and a token's delta never
+    depends on the tokens beside it. Stacks in this kernel's layout, float32 or bfloat16:
+
+        a [slots, parts, in, rank]   A^T of each slot's parts (one part, or q/k/v, or gate/up)
+        b [slots, rank, out]         B^T of each slot, each output row against its own part's rank columns"""
+
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._functions = {torch.float32: lib.lora_delta_f32, torch.bfloat16: lib.lora_delta_bf16}
+        for function in self._functions.values():
+            function.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+            function.restype = None
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+            part_rows: torch.Tensor) -> torch.Tensor:
+        """y [m, out] in place, for x [m, in] and slots [n] (int64, -1: the base model; m >= n, the rows past n
+        untouched); part_rows [parts, 2] int64: each part's first output row and row count."""
+        dtype = a.dtype
+        if x.dtype != dtype or x.stride(-1) != 1:
+            x = x.to(dtype).contiguous()
+        assert y.dtype == dtype and y.stride(-1) == 1 and min(x.shape[0], y.shape[0]) >= slots.shape[0]
+        num_slots, parts, in_features, rank = a.shape
+        self._functions[dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), slots.data_ptr(),
+                               slots.shape[0], a.data_ptr(), b.data_ptr(), part_rows.data_ptr(), parts, in_features,
+                               b.shape[2], rank, num_slots, torch.get_num_threads())
+        return y
+
+
+def _available(source: str, flags: list[str], cpu_needs: set[str], cache_dir: Path) -> ctypes.CDLL:
+    missing = cpu_needs - cpu_flags()
+    if missing:
+        raise KernelUnavailable(f"the CPU lacks {', '.join(sorted(missing))}")
+    return build(source, flags, Path(cache_dir))
+
+
+UNAVAILABLE = (KernelUnavailable, OSError, subprocess.SubprocessError)
+
+
 @functools.cache
 def bf16_gemm(cache_dir: Path) -> Bf16Gemm | None:
     """The bfloat16 matmul kernel, built on first use; None (logged once) where it cannot run here."""
     try:
-        missing = BF16_CPU_FLAGS - cpu_flags()
-        if missing:
-            raise KernelUnavailable(f"the CPU lacks {', '.join(sorted(missing))}")
-        return Bf16Gemm(build("gemm_bf16.c", BF16_FLAGS, Path(cache_dir)))
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        return Bf16Gemm(_available("gemm_bf16.c", BF16_FLAGS, BF16_CPU_FLAGS, cache_dir))
+    except UNAVAILABLE as e:
         log.info("bfloat16 linear layers run on oneDNN: llamaserve's kernel is unavailable (%s)", e)
+        return None
+
+
+@functools.cache
+def lora_delta(cache_dir: Path) -> LoraDelta | None:
+    """The LoRA delta kernel, built on first use; None (logged once) where it cannot run here."""
+    try:
+        return LoraDelta(_available("lora.c", LORA_FLAGS, LORA_CPU_FLAGS, cache_dir))
+    except UNAVAILABLE as e:
+        log.info("LoRA deltas run on torch's matmuls: llamaserve's kernel is unavailable (%s)", e)
         return None

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import LoraDelta
 from .loader import SafetensorsCheckpoint
 
 # The base modules an adapter may target: every linear layer of a decoder layer.
@@ -141,15 +142,26 @@ class MergedCheckpoint:
 class LoraContext:
     """What every LoRA layer reads in one step: which resident adapter each token uses."""
 
-    def __init__(self):
-        # [num_tokens, active slots] in the model's dtype; None: no adapter. Only slots 0 .. active-1 are
-        # computed: slots are handed out lowest first, so a step with one adapter pays for one.
-        self.onehot: torch.Tensor | None = None
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype  # the stacks'
+        self.token_slots: torch.Tensor | None = None  # [num_tokens] int64, -1: the base; None: no adapter
+        self.active = 0  # slots 0 .. active-1 are in use this step
+        self._onehot: torch.Tensor | None = None
         self._masks: dict[tuple[int, int], torch.Tensor] = {}  # (slots, columns per slot) -> mask, this step
 
-    def set(self, onehot: torch.Tensor | None) -> None:
-        self.onehot = onehot
+    def set(self, token_slots: torch.Tensor | None, active: int) -> None:
+        self.token_slots, self.active = token_slots, active
+        self._onehot = None
         self._masks.clear()
+
+    @property
+    def onehot(self) -> torch.Tensor:
+        """[num_tokens, active slots] in the stacks' dtype, made at first use in a step (LoraStack's; the CPU
+        kernel reads token_slots). Only slots 0 .. active-1 are computed: slots are handed out lowest first,
+        so a step with one adapter pays for one."""
+        if self._onehot is None:
+            self._onehot = F.one_hot(self.token_slots + 1, self.active + 1)[:, 1:].to(self.dtype)
+        return self._onehot
 
     def mask(self, rows: int, slots: int, width: int) -> torch.Tensor:
         """[rows, slots * width]: each token's one-hot spread over its slot's `width` columns, over `slots`
@@ -164,7 +176,8 @@ class LoraContext:
 
 class LoraStack:
     """The resident adapters' A and B for one linear layer, stacked so that one step's LoRA delta is two
-    matmuls over the whole flat batch, whatever mix of adapters and base requests it holds:
+    matmuls over the whole flat batch, whatever mix of adapters and base requests it holds (on GPU, and on a
+    CPU where SegmentedLoraStack's kernel cannot run):
 
         delta = ((x @ A^T) * (one-hot of each token's slot, spread over its columns)) @ B^T
 
@@ -183,9 +196,9 @@ class LoraStack:
         self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slots -> packed A and B of 0 .. slots-1
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        onehot = self.context.onehot
-        if onehot is None:
+        if self.context.token_slots is None:
             return y
+        onehot = self.context.onehot
         if self.packed:
             return self._add_packed(y, x)
         columns = onehot.shape[1] * len(self.part_rows) * self.rank  # the active slots' columns lead
@@ -232,31 +245,63 @@ class LoraStack:
         self._packed.clear()
 
 
-class LoraManager:
-    """Adapter slots on one rank's model: every linear projection of every decoder layer gets a LoraStack,
-    and `load(slot, adapter)` writes this rank's slices of an adapter into a slot."""
+class SegmentedLoraStack:
+    """The resident adapters' A and B for one linear layer on CPU, for llamaserve's LoRA kernel
+    (cpu_kernels.LoraDelta): one call a step adds each token's delta from its own slot alone, skipping base
+    tokens and the other parts' rows, where LoraStack computes every active slot for every token and
+    multiplies B's block-diagonal zeros. Held transposed, with no zeros; scaling folded into B."""
 
-    def __init__(self, model, num_slots: int, max_rank: int):
+    def __init__(self, context: LoraContext, kernel: LoraDelta, num_slots: int, rank: int,
+                 part_rows: list[tuple[int, int]], in_features: int, out_features: int, dtype: torch.dtype):
+        self.context, self.kernel = context, kernel
+        self.part_rows = torch.tensor(part_rows, dtype=torch.int64)  # [parts, 2]: (offset, rows) of output
+        self.a = torch.zeros(num_slots, len(part_rows), in_features, rank, dtype=dtype)  # [slots, parts, in, rank]
+        self.b = torch.zeros(num_slots, rank, out_features, dtype=dtype)  # [slots, rank, out]
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.context.token_slots is None:
+            return y
+        return self.kernel.add(y, x, self.context.token_slots, self.a, self.b, self.part_rows)
+
+    def clear(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+
+    def set(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a: [r, in] and b: [rows of the part, r] (this rank's slices), r <= rank."""
+        r = a.shape[0]
+        offset, rows = self.part_rows[part].tolist()
+        self.a[slot, part, :, :r].copy_(a.T)
+        self.b[slot, :r, offset : offset + rows].copy_(b.T)
+
+
+class LoraManager:
+    """Adapter slots on one rank's model: every linear projection of every decoder layer gets a stack (a
+    SegmentedLoraStack on `kernel` where it serves the layer, else a LoraStack), and `load(slot, adapter)`
+    writes this rank's slices of an adapter into a slot."""
+
+    def __init__(self, model, num_slots: int, max_rank: int, kernel: LoraDelta | None = None):
         from .parallel import ColumnParallelLinear, RowParallelLinear
 
         self.model, self.num_slots, self.max_rank = model, num_slots, max_rank
-        self.context = LoraContext()
         self._cache: dict[str, LoraAdapter] = {}  # path -> adapter read from it
-        modules = dict(model.named_modules())
-        self._stacks = {}
-        for name, module in modules.items():
+        self._stacks = {name: module for name, module in model.named_modules()
+                        if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
+        self.context = LoraContext(next(iter(self._stacks.values())).weight.dtype)
+        for module in self._stacks.values():
+            weight = module.weight  # packed on CPU, but its dtype and device are the layer's
             if isinstance(module, ColumnParallelLinear):
                 offsets = [sum(module.part_sizes[:i]) for i in range(len(module.part_sizes))]
                 part_rows = list(zip(offsets, module.part_sizes))
-            elif isinstance(module, RowParallelLinear):
-                part_rows = [(0, module.shape[0])]
             else:
-                continue
-            weight = module.weight  # packed on CPU, but its dtype and device are the layer's
+                part_rows = [(0, module.shape[0])]
             out_features, in_features = module.shape
-            module.lora = LoraStack(self.context, num_slots, max_rank, part_rows, in_features, out_features,
-                                    weight.dtype, weight.device, module.packed)
-            self._stacks[name] = module
+            if kernel is not None and weight.device.type == "cpu" and weight.dtype in LoraDelta.DTYPES:
+                module.lora = SegmentedLoraStack(self.context, kernel, num_slots, max_rank, part_rows, in_features,
+                                                 out_features, weight.dtype)
+            else:
+                module.lora = LoraStack(self.context, num_slots, max_rank, part_rows, in_features, out_features,
+                                        weight.dtype, weight.device, module.packed)
 
     def adapter(self, path: str) -> LoraAdapter:
         if path not in self._cache:
@@ -300,8 +345,4 @@ class LoraManager:
     def set_step(self, token_slots: torch.Tensor | None, active: int = 0) -> None:
         """token_slots: [num_tokens] long, each token's slot or -1 for the base model, all below `active`
         (known on the host, so no device sync); None: no adapter in the step."""
-        if token_slots is None:
-            self.context.set(None)
-            return
-        onehot = F.one_hot(token_slots + 1, active + 1)[:, 1:]
-        self.context.set(onehot.to(next(iter(self._stacks.values())).lora.a.dtype))
+        self.context.set(None if token_slots is None else token_slots.to(torch.int64).contiguous(), active)
