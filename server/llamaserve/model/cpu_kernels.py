@@ -108,19 +108,31 @@ class Bf16Gemm:
 class LoraDelta:
     """y[t] += B_s @ (A_s @ x[t]) for each token t with an adapter slot s, from that slot alone (csrc/lora.c): one
     call a projection, whatever mix of adapters and base tokens the batch holds, and a token's delta never
-    depends on the tokens beside it. Stacks in this kernel's layout, float32 or bfloat16:
+    depends on the tokens beside it. Stacks float32 or bfloat16, in this kernel's layout (`pack_b`), the rank a
+    multiple of 16:
 
         a [slots, parts, in, rank]   A^T of each slot's parts (one part, or q/k/v, or gate/up)
-        b [slots, rank, out]         B^T of each slot, each output row against its own part's rank columns"""
+        b [slots, rank * rows16]     B^T of each slot, in blocks of 64 output rows of a part (rows16: every
+                                     part's rows, padded to a multiple of 16)"""
 
     DTYPES = (torch.float32, torch.bfloat16)
+    BLOCK = 64  # output rows per block of b (csrc/lora.c)
 
     def __init__(self, lib: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._functions = {torch.float32: lib.lora_delta_f32, torch.bfloat16: lib.lora_delta_bf16}
         for function in self._functions.values():
-            function.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+            function.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
             function.restype = None
+
+    @classmethod
+    def pack_b(cls, bt: torch.Tensor) -> torch.Tensor:
+        """One part's B^T ([rank, rows16], zero-padded rows) -> its run of b ([rank * rows16]): block after block
+        of 64 rows (the last 16, 32 or 48), each block [rank, width] row-major."""
+        rank, rows = bt.shape
+        whole = rows // cls.BLOCK * cls.BLOCK
+        blocks = bt[:, :whole].reshape(rank, whole // cls.BLOCK, cls.BLOCK).transpose(0, 1)
+        return torch.cat([blocks.reshape(-1), bt[:, whole:].reshape(-1)])
 
     def add(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
             part_rows: torch.Tensor) -> torch.Tensor:
@@ -133,7 +145,7 @@ class LoraDelta:
         num_slots, parts, in_features, rank = a.shape
         self._functions[dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), slots.data_ptr(),
                                slots.shape[0], a.data_ptr(), b.data_ptr(), part_rows.data_ptr(), parts, in_features,
-                               b.shape[2], rank, num_slots, torch.get_num_threads())
+                               rank, num_slots, torch.get_num_threads())
         return y
 
 

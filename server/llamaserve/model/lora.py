@@ -249,14 +249,18 @@ class SegmentedLoraStack:
     """The resident adapters' A and B for one linear layer on CPU, for llamaserve's LoRA kernel
     (cpu_kernels.LoraDelta): one call a step adds each token's delta from its own slot alone, skipping base
     tokens and the other parts' rows, where LoraStack computes every active slot for every token and
-    multiplies B's block-diagonal zeros. Held transposed, with no zeros; scaling folded into B."""
+    multiplies B's block-diagonal zeros. Transposed, B in the kernel's blocks; scaling folded into B. The
+    rank is padded to a multiple of 16 (the kernel's vectors), with zeros."""
 
     def __init__(self, context: LoraContext, kernel: LoraDelta, num_slots: int, rank: int,
                  part_rows: list[tuple[int, int]], in_features: int, out_features: int, dtype: torch.dtype):
         self.context, self.kernel = context, kernel
+        rank = -(-rank // 16) * 16
         self.part_rows = torch.tensor(part_rows, dtype=torch.int64)  # [parts, 2]: (offset, rows) of output
+        rows16 = [-(-rows // 16) * 16 for _, rows in part_rows]
+        self._runs = [(rank * sum(rows16[:p]), rows) for p, rows in enumerate(rows16)]  # part -> (start, rows16) in b
         self.a = torch.zeros(num_slots, len(part_rows), in_features, rank, dtype=dtype)  # [slots, parts, in, rank]
-        self.b = torch.zeros(num_slots, rank, out_features, dtype=dtype)  # [slots, rank, out]
+        self.b = torch.zeros(num_slots, rank * sum(rows16), dtype=dtype)  # [slots, rank * rows16], in blocks
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.context.token_slots is None:
@@ -269,10 +273,12 @@ class SegmentedLoraStack:
 
     def set(self, slot: int, part: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [r, in] and b: [rows of the part, r] (this rank's slices), r <= rank."""
-        r = a.shape[0]
-        offset, rows = self.part_rows[part].tolist()
+        r, rows = a.shape[0], b.shape[0]
+        start, rows16 = self._runs[part]
         self.a[slot, part, :, :r].copy_(a.T)
-        self.b[slot, :r, offset : offset + rows].copy_(b.T)
+        bt = torch.zeros(self.a.shape[-1], rows16, dtype=self.b.dtype)  # [rank, rows16]
+        bt[:r, :rows] = b.T
+        self.b[slot, start : start + bt.numel()].copy_(self.kernel.pack_b(bt))
 
 
 class LoraManager:
