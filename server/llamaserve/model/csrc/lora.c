@@ -14,16 +14,15 @@
                                   sequential run, as csrc/gemm_bf16.c packs a weight
 
    Tokens are grouped by slot (a counting sort), so a slot's A and B are read once per tile of up to MR of
-   its tokens, not once per token. Three phases, each an OpenMP loop over independent items on torch's
-   threads (the library links libgomp.so.1, which resolves to the copy torch has loaded):
+   its tokens, not once per token. Two phases, each an OpenMP loop over independent items on torch's
+   threads (the library links libgomp.so.1, which resolves to the copy torch has loaded), one barrier
+   between them:
 
-     1. h = A x per (tile, part, chunk of KCHUNK inputs): partial sums, each chunk's A (16 KiB at rank 16)
-        read from L1 by the tile after the first;
-     2. the chunks' partial sums added in chunk order, per (token, part);
-     3. y += B^T h per (tile, block), the sums over the rank in order, starting from y.
+     1. h = A x per (tile, part, 16 of the rank);
+     2. y += B^T h per (tile, block of b), starting from y.
 
-   Every sum runs in an order fixed by the shapes alone (input k within a chunk, chunks in order, rank r
-   in order; each token's own accumulators), so a token's delta is the same bits whatever tokens share
+   Every sum runs in an order fixed by the shapes alone (input k, in two chains of even and odd k, then
+   rank r; each token's own accumulators), so a token's delta is the same bits whatever tokens share
    its batch, tile or thread. float32 and bfloat16 (converted to float32 on load, sums in float32, the
    result rounded to nearest even as torch rounds).
 
@@ -36,8 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MR 6        /* tokens per tile: in phase 3, MR x 4 accumulators + 4 of B + 1 broadcast <= 32 zmm */
-#define KCHUNK 256  /* inputs per phase-1 item */
+#define MR 6        /* tokens per tile: in phase 2, MR x 4 accumulators + 4 of B + 1 broadcast <= 32 zmm */
 #define BLOCK 64    /* output rows per block of b */
 
 /* 16 consecutive values as float32 (only `mask`'s lanes, unless it is 0xffff); bf16 = 1: bfloat16 */
@@ -74,11 +72,11 @@ static inline __attribute__((always_inline)) float load1(const void *p, int64_t 
   return f;
 }
 
-/* phase 1: h[i][0..15] = sum over k in [k0, k1) of x[token i][k] * at[k * rank + 0..15] (one rank vector of
+/* phase 1: h[i][0..15] = sum over k < in of x[token i][k] * at[k * rank + 0..15] (one rank vector of
    A^T); two chains per token (even and odd k), added at the end, whatever `rows` is */
 static inline __attribute__((always_inline)) void project(const void *x, int64_t ldx, const int64_t *tokens,
-                                                          const void *at, int64_t rank, int64_t k0, int64_t k1,
-                                                          float *h, int64_t ldh, const int rows, const int bf16) {
+                                                          const void *at, int64_t rank, int64_t in, float *h,
+                                                          int64_t ldh, const int rows, const int bf16) {
   const int size = bf16 ? 2 : 4;
   const char *base = (const char *)at;
   __m512 even[MR], odd[MR];
@@ -87,15 +85,15 @@ static inline __attribute__((always_inline)) void project(const void *x, int64_t
     even[i] = odd[i] = _mm512_setzero_ps();
     row[i] = tokens[i] * ldx;
   }
-  int64_t k = k0;
-  for (; k + 1 < k1; k += 2) {
+  int64_t k = 0;
+  for (; k + 1 < in; k += 2) {
     __m512 a0 = load16(base + k * rank * size, 0xffff, bf16), a1 = load16(base + (k + 1) * rank * size, 0xffff, bf16);
     for (int i = 0; i < rows; i++) {
       even[i] = _mm512_fmadd_ps(_mm512_set1_ps(load1(x, row[i] + k, bf16)), a0, even[i]);
       odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(load1(x, row[i] + k + 1, bf16)), a1, odd[i]);
     }
   }
-  if (k < k1) {
+  if (k < in) {
     __m512 a0 = load16(base + k * rank * size, 0xffff, bf16);
     for (int i = 0; i < rows; i++)
       even[i] = _mm512_fmadd_ps(_mm512_set1_ps(load1(x, row[i] + k, bf16)), a0, even[i]);
@@ -103,7 +101,7 @@ static inline __attribute__((always_inline)) void project(const void *x, int64_t
   for (int i = 0; i < rows; i++) _mm512_storeu_ps(h + i * ldh, _mm512_add_ps(even[i], odd[i]));
 }
 
-/* phase 3: y[token i][16v ..] += sum over r of h[i][r] * bt[r * width + 16v ..] for v < nv (width = 16 nv,
+/* phase 2: y[token i][16v ..] += sum over r of h[i][r] * bt[r * width + 16v ..] for v < nv (width = 16 nv,
    one block of b), the sums starting from y; `mask`: the lanes of y's last vector (0xffff but at the end
    of a part whose rows are not a multiple of 16) */
 static inline __attribute__((always_inline)) void expand(void *y, int64_t ldy, const int64_t *tokens,
@@ -128,8 +126,8 @@ static inline __attribute__((always_inline)) void expand(void *y, int64_t ldy, c
       store16((char *)y + (tokens[i] * ldy + v * 16) * size, sum[i][v], v == nv - 1 ? mask : 0xffff, bf16);
 }
 
-#define PROJECT(R) project(x, ldx, tokens, at, rank, k0, k1, h, ldh, R, bf16)
-#define EXPAND(R, NV, MASK) expand(yb, ldy, tokens, h, ldh, bt, rank, MASK, R, NV, bf16)
+#define PROJECT(R) project(x, ldx, tokens, at, rank, in, h, parts * rank, R, bf16)
+#define EXPAND(R, NV, MASK) expand(yb, ldy, tokens, h, parts * rank, bt, rank, MASK, R, NV, bf16)
 #define EXPAND_ROWS(NV, MASK)             \
   switch (rows) {                         \
     case 1: EXPAND(1, NV, MASK); break;   \
@@ -176,23 +174,20 @@ static inline __attribute__((always_inline)) void delta(const void *x, int64_t l
       block_part[blocks] = p, block_row[blocks] = c, block_at[blocks++] = rank * (rows16 + c);
     rows16 += (part_rows[2 * p + 1] + 15) / 16 * 16;
   }
-  /* partial sums: position j's part p, chunk c at partial + ((j * parts + p) * chunks + c) * rank */
-  const int64_t chunks = (in + KCHUNK - 1) / KCHUNK, vectors = rank / 16;
-  const int64_t ldh = parts * chunks * rank; /* from one position to the next */
-  float *partial = malloc((active * ldh + 1) * sizeof *partial);
+  /* h of position j's part p at projected + (j * parts + p) * rank */
+  const int64_t vectors = rank / 16;
+  float *projected = malloc((active * parts * rank + 1) * sizeof *projected);
 
 #pragma omp parallel num_threads(threads) if (active > 0)
   {
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < tiles * parts * chunks * vectors; item++) {
-      int64_t v = item % vectors, c = item / vectors % chunks, p = item / vectors / chunks % parts,
-              i = item / vectors / chunks / parts;
+    for (int64_t item = 0; item < tiles * parts * vectors; item++) {
+      int64_t v = item % vectors, p = item / vectors % parts, i = item / vectors / parts;
       int64_t first = tile_start[i], s = tile_slot[i];
       int rows = (int)min64(start[s + 1] - first, MR);
       const int64_t *tokens = order + first;
       const void *at = (const char *)a + ((s * parts + p) * in * rank + v * 16) * size;
-      int64_t k0 = c * KCHUNK, k1 = min64(k0 + KCHUNK, in);
-      float *h = partial + ((first * parts + p) * chunks + c) * rank + v * 16;
+      float *h = projected + (first * parts + p) * rank + v * 16;
       switch (rows) {
         case 1: PROJECT(1); break;
         case 2: PROJECT(2); break;
@@ -201,14 +196,6 @@ static inline __attribute__((always_inline)) void delta(const void *x, int64_t l
         case 5: PROJECT(5); break;
         default: PROJECT(6); break;
       }
-    }
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < active * parts; item++) {
-      float *h = partial + item * chunks * rank;
-      for (int64_t c = 1; c < chunks; c++)
-        for (int64_t v = 0; v < vectors; v++)
-          _mm512_storeu_ps(h + v * 16, _mm512_add_ps(_mm512_loadu_ps(h + v * 16),
-                                                     _mm512_loadu_ps(h + c * rank + v * 16)));
     }
     /* tile-major: a thread runs through one slot's b in order */
 #pragma omp for schedule(static)
@@ -221,7 +208,7 @@ static inline __attribute__((always_inline)) void delta(const void *x, int64_t l
       int nv = (int)(min64(left, BLOCK) + 15) / 16;
       __mmask16 mask = left >= nv * 16 ? 0xffff : (__mmask16)((1u << (left - (nv - 1) * 16)) - 1);
       const void *bt = (const char *)b + (s * rank * rows16 + block_at[j]) * size;
-      const float *h = partial + (first * parts + p) * chunks * rank;
+      const float *h = projected + (first * parts + p) * rank;
       void *yb = (char *)y + (part_rows[2 * p] + block_row[j]) * size;
       if (mask != 0xffff) {
         switch (nv) {
@@ -240,7 +227,7 @@ static inline __attribute__((always_inline)) void delta(const void *x, int64_t l
       }
     }
   }
-  free(partial), free(block_at), free(block_row), free(block_part), free(tile_slot), free(tile_start), free(order),
+  free(projected), free(block_at), free(block_row), free(block_part), free(tile_slot), free(tile_start), free(order),
       free(next), free(start);
 }
 
