@@ -119,12 +119,17 @@ def adapters(base, tmp_path_factory):
     return {"a": str(a), "b": str(b)}, prompts, expected
 
 
-@pytest.mark.parametrize("tp,max_loras", [(1, 2), (1, 1), (2, 2)])
-def test_one_batch_mixes_the_base_and_two_adapters_and_each_gets_its_own_output(base, adapters, tp, max_loras):
+@pytest.mark.parametrize("tp,max_loras,cpu_kernels", [(1, 2, True), (1, 1, True), (2, 2, True), (1, 2, False)])
+def test_one_batch_mixes_the_base_and_two_adapters_and_each_gets_its_own_output(base, adapters, tp, max_loras,
+                                                                                 cpu_kernels):
+    """On llamaserve's CPU kernel (model/csrc/lora.c) where it runs, and on the torch stacks (--no-cpu-kernels)."""
     paths, prompts, expected = adapters
     core = engine(base, tp, lora_modules=tuple(f"{n}={p}" for n, p in paths.items()), max_loras=max_loras,
-                  max_lora_rank=8)
+                  max_lora_rank=8, cpu_kernels=cpu_kernels)
     try:
+        stacks = {type(module.lora) for module in core.runner.model.modules() if getattr(module, "lora", None)}
+        on_kernel = cpu_kernels and lora_delta(core.config.model.cache_dir) is not None
+        assert stacks == {SegmentedLoraStack if on_kernel else LoraStack}
         # One after another, the same prompt under the base, a and b: the prefix cache must not hand one
         # adapter's K/V to another.
         for name in (None, "a", "b"):
