@@ -2,9 +2,11 @@
 that a busy machine slows both alike; medians of wall and process CPU time, and their ratios.
 
     bench/make_lora_adapters.py --out /tmp/adapters --count 4 --rank 16
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=server .venv/bin/python bench/lora_steps.py [--loras a0,a1,a2,a3 | a0 | -]
+    PYTHONPATH=server .venv/bin/python bench/lora_steps.py [--loras a0,a1,a2,a3 | a0 | -] [--dtype bfloat16]
 
 `--loras`: the adapters the LoRA engine's requests take in turn ("-": the base model on the LoRA engine).
+OMP_WAIT_POLICY=PASSIVE would add a thread wake-up to every small call (the LoRA kernel's, oneDNN's) and
+distort the ratio.
 """
 import argparse
 import statistics
@@ -20,10 +22,11 @@ p.add_argument("--steps", type=int, default=150)
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--loras", default="a0,a1,a2,a3")
 p.add_argument("--adapters", default="/tmp/adapters")
+p.add_argument("--dtype", default="float32")
 args = p.parse_args()
 mods = [f"a{i}={args.adapters}/lora{i}" for i in range(4)]
-base = EngineCore(EngineConfig.from_options(max_num_seqs=16, kv_cache_gib=1))
-lora = EngineCore(EngineConfig.from_options(max_num_seqs=16, kv_cache_gib=1, lora_modules=tuple(mods)))
+base = EngineCore(EngineConfig.from_options(max_num_seqs=16, kv_cache_gib=1, dtype=args.dtype))
+lora = EngineCore(EngineConfig.from_options(max_num_seqs=16, kv_cache_gib=1, dtype=args.dtype, lora_modules=tuple(mods)))
 params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
 loras = [None if l == "-" else l for l in args.loras.split(",")]
 for core, ls in ((base, [None]), (lora, loras)):
