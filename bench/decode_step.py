@@ -24,14 +24,15 @@ PRECISIONS = {  # name -> load_model's dtype, quantization and kernel choice
     "float32": ("float32", "none", True), "bfloat16": ("bfloat16", "none", True),
     "bfloat16 (oneDNN)": ("bfloat16", "none", False),
     "int8 (bf16)": ("bfloat16", "int8", True), "int4 (bf16)": ("bfloat16", "int4", True),
+    "int4 (bf16, torch's kernels)": ("bfloat16", "int4", False),
     "int4 gguf (bf16)": ("bfloat16", "auto", True), "int4 gguf (f32)": ("float32", "auto", True),
 }
 CACHE = Path.home() / ".cache" / "llamaserve"
 
 
 def load(precision: str):
-    """The default model at one of PRECISIONS; "bfloat16" runs llamaserve's bf16 kernel where this CPU has it,
-    "(oneDNN)" does not."""
+    """The default model at one of PRECISIONS, on llamaserve's own bf16 and int4 CPU kernels where this CPU runs
+    them; "(oneDNN)" and "(torch's kernels)" on torch's only (the code before those kernels)."""
     dtype, quantization, cpu_kernels = PRECISIONS[precision]
     return load_model(resolve_checkpoint(None, CACHE, quantization), dtype, quantization=quantization,
                       cpu_kernels=cpu_kernels)

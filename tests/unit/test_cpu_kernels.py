@@ -1,5 +1,6 @@
-"""llamaserve's own bfloat16 matmul kernel (model/csrc/gemm_bf16.c) against float32 arithmetic on the same
-bfloat16 values, through the layer that serves it, and the fallback where it cannot be built."""
+"""llamaserve's own matmul kernels (model/csrc/gemm_bf16.c, gemm_int4.c) against float32 arithmetic on the same
+bfloat16 values (int4: on the weight they de-quantize to), through the layers that serve them, and the fallback
+where they cannot be built."""
 
 import logging
 import os
@@ -10,6 +11,7 @@ import torch
 
 from llamaserve.model import cpu_kernels
 from llamaserve.model.parallel import Linear
+from llamaserve.model.quantization import GroupCodes, Int4KernelWeight, Int4Weight
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_no_compiler_means_onednn_and_a_log_line(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: cpu_kernels.BF16_CPU_FLAGS)
     with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
         assert cpu_kernels.bf16_gemm(tmp_path / "cache") is None
-    assert "oneDNN" in caplog.text and "failed" in caplog.text
+    assert "unavailable" in caplog.text and "failed" in caplog.text
     monkeypatch.setattr(cpu_kernels, "cpu_flags", set)
     with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
         assert cpu_kernels.bf16_gemm(tmp_path / "other") is None
@@ -113,3 +115,51 @@ def test_a_built_kernel_is_reused(gemm, tmp_path):
     built = library.stat().st_mtime_ns
     cpu_kernels.build("gemm_bf16.c", cpu_kernels.BF16_FLAGS, tmp_path)
     assert library.stat().st_mtime_ns == built and first is not None
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory):
+    kernel = cpu_kernels.int4_gemm(tmp_path_factory.mktemp("cache"))
+    if kernel is None:
+        pytest.skip("this CPU or machine cannot run the AVX-512 BF16 kernels (int4 keeps torch's)")
+    return kernel
+
+
+@pytest.mark.parametrize("n,k,group", [(16, 32, 32), (48, 64, 32), (960, 576, 32), (576, 1536, 32), (80, 256, 64),
+                                       (64, 256, 128), (208, 96, 2)])
+def test_int4_kernel_matches_its_dequantized_weight(int4, n, k, group):
+    torch.manual_seed(n + k)
+    codes = GroupCodes.from_float(torch.randn(n, k) * 0.05, group)
+    weight = Int4KernelWeight(int4, codes)
+    reference = weight.dequantize(codes)  # q * scale + min, both rounded to bfloat16 as the kernel holds them
+    for m in (1, 2, 3, 4, 7, 64):
+        x = torch.randn(m, k).bfloat16()
+        y = weight.matmul(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert close(y, x, reference), (m, n, k, group)
+    x32 = torch.randn(5, k)
+    assert weight.matmul(x32).dtype == torch.float32  # a float32 model's layer: bfloat16 inside, float32 out
+
+
+def test_int4_rows_do_not_depend_on_their_neighbours(int4):
+    torch.manual_seed(4)
+    weight = Int4KernelWeight(int4, GroupCodes.from_float(torch.randn(960, 576) * 0.05, 32))
+    x = torch.randn(1, 576).bfloat16()
+    alone = weight.matmul(x)
+    for m in (2, 3, 4, 16, 65):
+        others = torch.randn(m, 576).bfloat16()
+        for at in (0, m // 2, m):
+            assert torch.equal(weight.matmul(torch.cat([others[:at], x, others[at:]]))[at], alone[0]), (m, at)
+
+
+def test_linear_quantizes_onto_the_int4_kernel(int4):
+    """Every shape torch's int4 CPU kernel takes (out % 16 == 0), this one takes too."""
+    torch.manual_seed(5)
+    ours, theirs = Linear(64, 96), Linear(64, 96)
+    ours.weight.data.normal_(0, 0.05)
+    theirs.weight.data = ours.weight.data.clone()
+    ours.quantize("int4", 32, int4)
+    theirs.quantize("int4", 32)
+    assert isinstance(ours.quantized, Int4KernelWeight) and isinstance(theirs.quantized, Int4Weight)
+    x = torch.randn(3, 64)
+    assert (ours(x) - theirs(x)).abs().max() < 0.02 * theirs(x).abs().max()  # bf16 scales: zero vs minimum
