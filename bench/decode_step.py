@@ -31,8 +31,9 @@ CACHE = Path.home() / ".cache" / "llamaserve"
 
 
 def load(precision: str):
-    """The default model at one of PRECISIONS, on llamaserve's own bf16 and int4 CPU kernels where this CPU runs
-    them; "(oneDNN)" and "(torch's kernels)" on torch's only (the code before those kernels)."""
+    """The default model at one of PRECISIONS, on llamaserve's own CPU kernels (bf16 and int4 matmuls, decode
+    attention) where this CPU runs them; "(oneDNN)" and "(torch's kernels)" on torch's only (the code before
+    those kernels)."""
     dtype, quantization, cpu_kernels = PRECISIONS[precision]
     return load_model(resolve_checkpoint(None, CACHE, quantization), dtype, quantization=quantization,
                       cpu_kernels=cpu_kernels)

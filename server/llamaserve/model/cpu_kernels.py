@@ -4,8 +4,8 @@ Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source
 version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
 next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
 torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
-instructions, a build error) `bf16_gemm` and `int4_gemm` return None, log why once, and the layers keep
-torch's kernels (oneDNN, torch's int4 CPU kernel).
+instructions, a build error) `bf16_gemm`, `int4_gemm` and `paged_attention` return None, log why once, and
+the layers keep torch's kernels (oneDNN, torch's int4 CPU kernel, the torch attention backend).
 
 The libraries link libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded:
 their OpenMP loops run on torch's own threads, `torch.get_num_threads()` of them.
@@ -43,19 +43,19 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def build(source: str, flags: list[str], cache_dir: Path) -> ctypes.CDLL:
-    """csrc/`source` compiled with `flags` (once per cache key) and loaded."""
+def build(source: str, flags: list[str], cache_dir: Path, libs: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """csrc/`source` compiled with `flags` and linked with `libs` (once per cache key), and loaded."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise KernelUnavailable("no C compiler (cc or gcc) on PATH")
     text = (SOURCES / source).read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(text + repr(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + repr((flags, libs)).encode() + version.encode()).hexdigest()[:16]
     library = cache_dir / "kernels" / key / (Path(source).stem + ".so")
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         partial = library.with_suffix(f".{os.getpid()}.tmp")  # ranks building at once each rename a whole file
-        result = subprocess.run([compiler, *flags, str(SOURCES / source), "-o", str(partial)],
+        result = subprocess.run([compiler, *flags, str(SOURCES / source), *libs, "-o", str(partial)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -140,6 +140,57 @@ class Int4Gemm:
         self.lib.gemm_int4(x.data_ptr(), x.stride(0), codes.data_ptr(), params.data_ptr(), y.data_ptr(),
                            sums.data_ptr(), m, n, k, group_size, torch.get_num_threads())
         return y
+
+
+class PagedAttention:
+    """Decode tokens' attention over the paged KV cache, and the step's cache writes (csrc/attention.c), for
+    model/attention.py's CpuAttentionBackend."""
+
+    MAX_GROUP, MAX_HEAD_DIM = 8, 256  # query heads per KV head, and head_dim, the kernel holds in its registers
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+        lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64,
+                                         ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        lib.write_kv.restype = lib.decode_attention.restype = None
+        self.lib = lib
+
+    @classmethod
+    def supports(cls, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+        return (dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0 and head_dim <= cls.MAX_HEAD_DIM
+                and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= cls.MAX_GROUP)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                 cache: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """k, v: [tokens, kv_heads, head_dim] (rows may be strided) into their `slots` of the (K, V) cache."""
+        _, _, kv_heads, head_dim = cache[0].shape
+        bf16 = int(cache[0].dtype == torch.bfloat16)
+        self.lib.write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), slots.numel(),
+                          cache[0].data_ptr(), cache[1].data_ptr(), kv_heads, head_dim, bf16)
+
+    def decode(self, q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
+               tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor) -> None:
+        """out[tokens[s]] ([tokens, heads * head_dim], contiguous) = sequence s's query token q[tokens[s]]
+        ([tokens, heads, head_dim], rows may be strided) attending over its seq_lens[s] cached tokens, whose
+        blocks are tables[s] ([seqs, max_blocks] int64, contiguous)."""
+        _, block_size, kv_heads, head_dim = cache[0].shape
+        heads = q.shape[1]
+        self.lib.decode_attention(q.data_ptr(), q.stride(0), cache[0].data_ptr(), cache[1].data_ptr(),
+                                  tokens.data_ptr(), tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(),
+                                  tokens.numel(), out.data_ptr(), block_size, heads, kv_heads, head_dim,
+                                  head_dim**-0.5, int(cache[0].dtype == torch.bfloat16), torch.get_num_threads())
+
+
+@functools.cache
+def paged_attention(cache_dir: Path) -> PagedAttention | None:
+    """The CPU decode attention kernel, built on first use; None (logged once) where it cannot run here."""
+    try:
+        _check_cpu(BF16_CPU_FLAGS)
+        return PagedAttention(build("attention.c", BF16_FLAGS, Path(cache_dir), libs=("-lm",)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("attention", e)
+        return None
 
 
 def _unavailable(what: str, e: Exception) -> None:

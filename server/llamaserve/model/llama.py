@@ -114,6 +114,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(arch, tp)
         self.rotary = RotaryEmbedding(arch)
         self.heads = heads_per_rank(arch, tp.size)  # (query heads, KV heads) on this rank
+        self.cpu_attention_kernel = None  # a cpu_kernels.PagedAttention the loader gives on CPU, for "auto"
         self.set_attention_backend(attention_backend)
         self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, tp)
         self.tie_weights()
@@ -130,7 +131,8 @@ class LlamaForCausalLM(nn.Module):
         """The backend serving attention on `device` in `dtype`, chosen the first time it is asked for."""
         device = torch.device(device)
         if self._attn_serves != (device, dtype):
-            backend = select_attention_backend(self.attention_backend, device, dtype, *self.heads, self.arch.head_dim)
+            backend = select_attention_backend(self.attention_backend, device, dtype, *self.heads, self.arch.head_dim,
+                                               self.cpu_attention_kernel)
             for layer in self.model.layers:
                 layer.self_attn.backend = backend
             self.attn_backend, self._attn_serves = backend, (device, dtype)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import DTYPES, ModelConfig
 from .architecture import ModelArchitecture
-from .cpu_kernels import bf16_gemm, int4_gemm
+from .cpu_kernels import bf16_gemm, int4_gemm, paged_attention
 from .llama import LlamaForCausalLM
 from .sharding import TensorParallel
 
@@ -187,8 +187,9 @@ def load_model(
     a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora). `attention_backend`:
     one of ATTENTION_BACKENDS (llamaserve.model.attention). `quantization`: one of QUANTIZATIONS
     (llamaserve.model.quantization); "auto" on a converted GGUF reads the file itself (model.gguf).
-    `cpu_kernels`: on CPU, bfloat16 and int4 layers run llamaserve's own matmul kernels where they run (built
-    in `cache_dir`, llamaserve.model.cpu_kernels), the rest torch's (oneDNN, torch's int4 kernel)."""
+    `cpu_kernels`: on CPU, bfloat16 and int4 layers run llamaserve's own matmul kernels, and "auto" attention
+    its decode kernel, where they run (built in `cache_dir`, llamaserve.model.cpu_kernels); the rest torch's
+    (oneDNN, torch's int4 kernel, the torch attention backend)."""
     path = Path(checkpoint)
     arch = ModelArchitecture.from_checkpoint(path)
     dtype = parse_dtype(dtype)
@@ -225,6 +226,8 @@ def load_model(
     if plan:
         log.info("quantization %s: %s", quantization, ", ".join(
             f"{sum(kind == k for kind in plan.values())} layers {k}" for k in sorted(set(plan.values()))))
+    if on_cpu and cpu_kernels:
+        model.cpu_attention_kernel = paged_attention(cache_dir)
     if on_cpu and torch.backends.mkldnn.is_available():
         model.pack_for_cpu(bf16_gemm(cache_dir) if cpu_kernels and dtype == torch.bfloat16 else None)
     return model.eval()

@@ -59,14 +59,16 @@ class Linear(nn.Module):
         self.codes: GroupCodes | None = None  # 4-bit codes loaded as they are (GGUF), until `quantize`
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        return self._matmul(self._padded(x))[:rows]
+        padded = self._padded(x)
+        y = self._matmul(padded)
+        return y if padded is x else y[: x.shape[0]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is None:
             return self.matmul(x)
-        rows, x = x.shape[0], self._padded(x)  # the LoRA delta runs at the base matmul's rows
-        return self.lora.add_to(self._matmul(x), x)[:rows]
+        padded = self._padded(x)  # the LoRA delta runs at the base matmul's rows
+        y = self.lora.add_to(self._matmul(padded), padded)
+        return y if padded is x else y[: x.shape[0]]
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """x with zero rows below, up to `padded_rows`, for a packed matmul: a row's result does not depend

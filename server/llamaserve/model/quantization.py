@@ -150,7 +150,8 @@ class Int4KernelWeight:
         return (q * scales.unsqueeze(-1) + mins.unsqueeze(-1)).view(self.shape)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out]
-        return self.gemm.matmul(x, self.codes, self.params, self.shape, self.group_size).to(x.dtype)
+        y = self.gemm.matmul(x, self.codes, self.params, self.shape, self.group_size)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def int4_weight(codes: GroupCodes, device: torch.device | str,
