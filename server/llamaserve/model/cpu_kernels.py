@@ -120,11 +120,11 @@ class Int4Gemm:
 
     def pack(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
              group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [out, in] codes 0..15, scales and mins [out, in / group_size] -> (codes [out * in / 2] uint8,
-        bfloat16 scales and minimums [out * in / group_size * 2]) in the kernel's layout."""
+        """q [out, in] codes 0..15, scales and mins [out, in / group_size] -> (codes [blocks of 64 outputs * 32 * in]
+        uint8, bfloat16 scales and minimums [out * in / group_size * 2]) in the kernel's layout."""
         (n, k), groups = q.shape, q.shape[1] // group_size
         q, scales, mins = q.to(torch.uint8).contiguous(), scales.float().contiguous(), mins.float().contiguous()
-        codes = torch.empty(n * k // 2, dtype=torch.uint8)
+        codes = torch.zeros(-(-n // 64) * 32 * k, dtype=torch.uint8)
         params = torch.empty(n * groups * 2, dtype=torch.bfloat16)
         self.lib.pack_int4(q.data_ptr(), scales.data_ptr(), mins.data_ptr(), codes.data_ptr(), params.data_ptr(),
                            n, k, group_size)

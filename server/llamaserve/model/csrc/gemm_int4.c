@@ -1,17 +1,16 @@
 /* y = x @ W^T for 4-bit weights in groups, w = q * scale + min (q in 0..15, one bfloat16 scale and minimum
    per `group` consecutive inputs of a row), bfloat16 activations and output, float32 sums; AVX-512 BF16.
 
-   The layout follows gemm_bf16.c's: blocks of 64 output columns (the last may be 16, 32 or 48 wide), and
-   within a block of nv vectors of 16 columns, for each input pair p and vector v, 16 bytes: byte c holds
-   column 16v + c's codes for inputs 2p (low nibble) and 2p + 1 (high nibble), at
-       codes + n0 * k / 2 + (p * nv + v) * 16.
+   Blocks of 64 output columns as in gemm_bf16.c (the last may be 16, 32 or 48 wide, its unused codes zero).
+   For each input pair p of a block, 64 bytes: 16 lanes of 32 bits, lane c holding, for each vector v of 16
+   columns, column 16v + c's code for input 2p at bits 4v..4v+3 and for input 2p + 1 at bits 16+4v..19+4v:
+       codes + b * 32 * k + p * 64.
+   So vector v's 32 codes are one shift and one masked OR away from vdpbf16ps's operand, because a code
+   becomes a bfloat16 number without arithmetic: 0x4300 | q is 128 + q exactly. vdpbf16ps against x then sums
+   (128 + q) x over a group, S; with X = the group's sum of x, the group adds scale * (S - 128 X) + min * X.
    A block's scales and minimums: for each group g, `width` scales then `width` minimums, at
        params + n0 * (k / group) * 2 + g * 2 * width.
-
-   A code becomes a bfloat16 number without arithmetic: 0x4300 | q is 128 + q exactly, so vdpbf16ps against
-   x sums (128 + q) x over a group, S; with X = the group's sum of x, the group adds
-   scale * (S - 128 X) + min * X. Both sums are float32 over bfloat16 inputs, in an order that does not
-   depend on the other rows of x. */
+   Both sums are float32 over bfloat16 inputs, in an order that does not depend on the other rows of x. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -20,17 +19,20 @@
 #define BLOCK 64
 #define MR 3 /* rows per tile: MR x 4 group sums + MR x 4 totals + 4 codes + 1 broadcast + 2 <= 32 zmm */
 
-/* q [n, k] uint8 codes 0..15, scales and mins [n, k / group] float32 -> codes [n * k / 2] and params
-   [n * k / group * 2] bfloat16 (rounded to nearest even) */
+/* q [n, k] uint8 codes 0..15, scales and mins [n, k / group] float32 -> codes [blocks * 32 * k] (zeroed by
+   the caller) and params [n * k / group * 2] bfloat16 (rounded to nearest even) */
 void pack_int4(const uint8_t *q, const float *scales, const float *mins, uint8_t *codes, uint16_t *params,
                int64_t n, int64_t k, int64_t group) {
   int64_t groups = k / group;
   for (int64_t n0 = 0; n0 < n; n0 += BLOCK) {
-    int64_t width = n - n0 < BLOCK ? n - n0 : BLOCK, nv = width / 16;
+    int64_t width = n - n0 < BLOCK ? n - n0 : BLOCK;
+    uint32_t *lanes = (uint32_t *)(codes + n0 / BLOCK * 32 * k);
     for (int64_t p = 0; p < k / 2; p++)
       for (int64_t c = 0; c < width; c++) {
         const uint8_t *row = q + (n0 + c) * k;
-        codes[n0 * k / 2 + (p * nv + c / 16) * 16 + c % 16] = (uint8_t)((row[2 * p] & 15) | (row[2 * p + 1] << 4));
+        int64_t v = c / 16;
+        lanes[p * 16 + c % 16] |= (uint32_t)(row[2 * p] & 15) << (4 * v) | (uint32_t)(row[2 * p + 1] & 15)
+                                                                                 << (16 + 4 * v);
       }
     for (int64_t g = 0; g < groups; g++)
       for (int64_t c = 0; c < width; c++) {
@@ -45,11 +47,10 @@ void pack_int4(const uint8_t *q, const float *scales, const float *mins, uint8_t
   }
 }
 
-static inline __m512bh decode(const uint8_t *bytes) {
-  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
-  __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
-  __m512i hi = _mm512_and_si512(_mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000F0000));
-  return (__m512bh)_mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(0x43004300), 0xFE); /* lo | hi | 128s */
+/* vector v's codes from a pair's 64 bytes: (lanes >> 4v) & 0x000F000F | 0x43004300 */
+static inline __m512bh decode(__m512i lanes, const int v) {
+  return (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(lanes, 4 * v), _mm512_set1_epi32(0x000F000F),
+                                             _mm512_set1_epi32(0x43004300), 0xEA); /* (a & b) | c */
 }
 
 static inline __m512 bf16_to_ps(const uint16_t *p) {
@@ -69,8 +70,9 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
     for (int i = 0; i < rows; i++)
       for (int v = 0; v < nv; v++) s[i][v] = _mm512_setzero_ps();
     for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p++) {
+      __m512i lanes = _mm512_loadu_si512(codes + p * 64);
       __m512bh w[4];
-      for (int v = 0; v < nv; v++) w[v] = decode(codes + (p * nv + v) * 16);
+      for (int v = 0; v < nv; v++) w[v] = decode(lanes, v);
       for (int i = 0; i < rows; i++) {
         int32_t pair;
         memcpy(&pair, x + i * ldx + 2 * p, sizeof pair);
@@ -122,7 +124,7 @@ void gemm_int4(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint1
   for (int64_t b = 0; b < blocks; b++) {
     int64_t n0 = b * BLOCK;
     int nv = (int)((n - n0 < BLOCK ? n - n0 : BLOCK) / 16);
-    const uint8_t *block = codes + n0 * k / 2;
+    const uint8_t *block = codes + b * 32 * k;
     const uint16_t *bparams = params + n0 * groups * 2;
     for (int64_t m0 = 0; m0 < m; m0 += MR) {
       int rows = (int)(m - m0 < MR ? m - m0 : MR);
