@@ -13,6 +13,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 # GGUF file's Q4_0/Q4_1/Q8_0 tensors at their own precision, anything else unquantized.
 QUANTIZATIONS = ("none", "int8", "int4", "auto")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
+LM_HEAD_QUANTIZATIONS = ("none", "int8", "int4")  # the output projection's own choice (it is the largest layer)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ModelConfig:
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (every step runs eagerly)
     quantization: str = "none"  # one of QUANTIZATIONS; the LM head and the embeddings keep `dtype`
+    lm_head_quantization: str = "none"  # one of LM_HEAD_QUANTIZATIONS: the LM head too (the embeddings keep `dtype`)
     quantization_group_size: int = 32  # int4: input features per scale and minimum (GGUF's Q4 blocks are 32)
     cpu_kernels: bool = True  # on CPU: bfloat16 layers on llamaserve's own AVX-512 kernel where it runs, not oneDNN
 
@@ -35,6 +37,9 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        if self.lm_head_quantization not in LM_HEAD_QUANTIZATIONS:
+            raise ValueError(f"lm_head_quantization must be one of {', '.join(LM_HEAD_QUANTIZATIONS)}, "
+                             f"not {self.lm_head_quantization!r}")
         if self.quantization_group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
                              f"not {self.quantization_group_size!r}")

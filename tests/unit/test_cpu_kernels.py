@@ -1,4 +1,4 @@
-"""llamaserve's own matmul kernels (model/csrc/gemm_bf16.c, gemm_int4.c) against float32 arithmetic on the same
+"""llamaserve's own matmul kernels (model/csrc/gemm_bf16.c, gemm_int8.c, gemm_int4.c) against float32 arithmetic on the same
 bfloat16 values (int4: on the weight they de-quantize to), through the layers that serve them, and the fallback
 where they cannot be built."""
 
@@ -11,7 +11,7 @@ import torch
 
 from llamaserve.model import cpu_kernels
 from llamaserve.model.parallel import Linear
-from llamaserve.model.quantization import GroupCodes, Int4KernelWeight, Int4Weight
+from llamaserve.model.quantization import GroupCodes, Int4KernelWeight, Int4Weight, Int8KernelWeight, Int8Weight
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +158,44 @@ def test_linear_quantizes_onto_the_int4_kernel(int4):
     ours, theirs = Linear(64, 96), Linear(64, 96)
     ours.weight.data.normal_(0, 0.05)
     theirs.weight.data = ours.weight.data.clone()
-    ours.quantize("int4", 32, int4)
+    ours.quantize("int4", 32, cpu_kernels.CpuKernels(int4=int4))
     theirs.quantize("int4", 32)
     assert isinstance(ours.quantized, Int4KernelWeight) and isinstance(theirs.quantized, Int4Weight)
     x = torch.randn(3, 64)
     assert (ours(x) - theirs(x)).abs().max() < 0.02 * theirs(x).abs().max()  # bf16 scales: zero vs minimum
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    kernel = cpu_kernels.int8_gemm(tmp_path_factory.mktemp("cache"))
+    if kernel is None:
+        pytest.skip("this CPU or machine cannot run the AVX-512 kernels (int8 keeps torch's)")
+    return kernel
+
+
+@pytest.mark.parametrize("n,k", [(16, 3), (48, 64), (960, 576), (576, 1536), (80, 100), (49152 // 64, 576)])
+def test_int8_kernel_matches_its_dequantized_weight(int8, n, k):
+    torch.manual_seed(n + k)
+    theirs = Int8Weight.quantize(torch.randn(n, k) * 0.05, torch.bfloat16)
+    ours = Int8KernelWeight(int8, theirs)
+    reference = theirs.dequantize()
+    assert torch.equal(ours.dequantize(), reference)  # the layout holds the same codes and scales
+    for m in (1, 2, 5, 6, 7, 64):
+        x = torch.randn(m, k).bfloat16()
+        y = ours.matmul(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert close(y, x, reference), (m, n, k)
+    alone = ours.matmul(x[:1])
+    assert torch.equal(ours.matmul(torch.cat([torch.randn(4, k).bfloat16(), x[:1]]))[4], alone[0])  # batch invariant
+
+
+def test_linear_quantizes_onto_the_int8_kernel(int8):
+    torch.manual_seed(6)
+    ours, theirs = Linear(64, 96), Linear(64, 96)
+    ours.weight.data.normal_(0, 0.05)
+    theirs.weight.data = ours.weight.data.clone()
+    ours.quantize("int8", 32, cpu_kernels.CpuKernels(int8=int8))
+    theirs.quantize("int8", 32)
+    assert isinstance(ours.quantized, Int8KernelWeight) and isinstance(theirs.quantized, Int8Weight)
+    x = torch.randn(3, 64)
+    assert (ours(x) - theirs(x)).abs().max() <= 0.01 * theirs(x).abs().max()

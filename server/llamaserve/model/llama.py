@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import ModelArchitecture
 from .attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata, select_attention_backend
-from .cpu_kernels import Bf16Gemm, Int4Gemm
+from .cpu_kernels import Bf16Gemm, CpuKernels
 from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
 from .sharding import TensorParallel, heads_per_rank
@@ -189,12 +189,12 @@ class LlamaForCausalLM(nn.Module):
         return {name: next(iter(kinds[name])) for name in linears if len(kinds.get(name, ())) == 1
                 and None not in kinds[name]}
 
-    def quantize(self, plan: dict[str, str], group_size: int, int4_gemm: Int4Gemm | None = None) -> None:
-        """Quantize the layers of `plan` (from `quantization_plan`), once their weights are loaded; int4 on
-        `int4_gemm` where that CPU kernel serves a layer."""
+    def quantize(self, plan: dict[str, str], group_size: int, kernels: CpuKernels | None = None) -> None:
+        """Quantize the layers of `plan` (from `quantization_plan`), once their weights are loaded; on
+        llamaserve's CPU kernels (of `kernels`) where they serve a layer."""
         modules = dict(self.named_modules())
         for name, kind in plan.items():
-            modules[name].quantize(kind, group_size, int4_gemm)
+            modules[name].quantize(kind, group_size, kernels)
 
     def load_weights(self, checkpoint, names: Iterable[str] | None = None) -> None:
         """Load this rank's slice of every checkpoint tensor (transformers' names) into our layers;

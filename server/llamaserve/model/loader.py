@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import DTYPES, ModelConfig
 from .architecture import ModelArchitecture
-from .cpu_kernels import bf16_gemm, int4_gemm, paged_attention
+from .cpu_kernels import CpuKernels
 from .llama import LlamaForCausalLM
 from .sharding import TensorParallel
 
@@ -180,6 +180,7 @@ def load_model(
     attention_backend: str = "auto",
     quantization: str = "none",
     quantization_group_size: int = 32,
+    lm_head_quantization: str = "none",
     cpu_kernels: bool = True,
     cache_dir: Path = ModelConfig.cache_dir,
 ) -> LlamaForCausalLM:
@@ -187,6 +188,7 @@ def load_model(
     a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora). `attention_backend`:
     one of ATTENTION_BACKENDS (llamaserve.model.attention). `quantization`: one of QUANTIZATIONS
     (llamaserve.model.quantization); "auto" on a converted GGUF reads the file itself (model.gguf).
+    `lm_head_quantization`: "int8" or "int4" quantizes the LM head too (from its float weight).
     `cpu_kernels`: on CPU, bfloat16 and int4 layers run llamaserve's own matmul kernels, and "auto" attention
     its decode kernel, where they run (built in `cache_dir`, llamaserve.model.cpu_kernels); the rest torch's
     (oneDNN, torch's int4 kernel, the torch attention backend)."""
@@ -214,6 +216,8 @@ def load_model(
         for name, kind in plan.items():
             if kind == "int4":
                 modules[name].expect_codes(checkpoint.group_size)
+    if lm_head_quantization != "none":
+        plan["lm_head"] = lm_head_quantization  # from its float weight (often the tied embedding's)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     names = checkpoint.names()
@@ -221,15 +225,15 @@ def load_model(
         names = tqdm(names, desc="Loading weights", unit=" tensors")
     model.load_weights(checkpoint, names)
     on_cpu = torch.device(device).type == "cpu"
-    model.quantize(plan, quantization_group_size,
-                   int4_gemm(cache_dir) if cpu_kernels and on_cpu and "int4" in plan.values() else None)
+    kernels = CpuKernels.build(cache_dir, dtype, set(plan.values())) if cpu_kernels and on_cpu else None
+    model.quantize(plan, quantization_group_size, kernels)
     if plan:
         log.info("quantization %s: %s", quantization, ", ".join(
             f"{sum(kind == k for kind in plan.values())} layers {k}" for k in sorted(set(plan.values()))))
-    if on_cpu and cpu_kernels:
-        model.cpu_attention_kernel = paged_attention(cache_dir)
+    if kernels is not None:
+        model.cpu_attention_kernel = kernels.attention
     if on_cpu and torch.backends.mkldnn.is_available():
-        model.pack_for_cpu(bf16_gemm(cache_dir) if cpu_kernels and dtype == torch.bfloat16 else None)
+        model.pack_for_cpu(kernels.bf16 if kernels is not None else None)
     return model.eval()
 
 

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import Bf16Gemm, Int4Gemm
-from .quantization import GroupCodes, Int4KernelWeight, Int4Weight, Int8Weight, int4_weight
+from .cpu_kernels import Bf16Gemm, CpuKernels
+from .quantization import GroupCodes, Int4KernelWeight, Int4Weight, Int8KernelWeight, Int8Weight, quantized_weight
 from .sharding import TensorParallel
 
 
@@ -55,7 +55,7 @@ class Linear(nn.Module):
         self.packed = False  # weight in oneDNN's layout
         self.gemm: Bf16Gemm | None = None  # the kernel whose layout the weight is in, instead of oneDNN's
         self.lora = None  # a llamaserve.model.lora.LoraStack once adapters are served
-        self.quantized: Int8Weight | Int4Weight | Int4KernelWeight | None = None  # replaces the weight after `quantize`
+        self.quantized: Int8Weight | Int8KernelWeight | Int4Weight | Int4KernelWeight | None = None  # replaces the weight after `quantize`
         self.codes: GroupCodes | None = None  # 4-bit codes loaded as they are (GGUF), until `quantize`
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,16 +118,12 @@ class Linear(nn.Module):
         self.codes.scales[rows].copy_(codes.scales)
         self.codes.mins[rows].copy_(codes.mins)
 
-    def quantize(self, kind: str, group_size: int, int4_gemm: Int4Gemm | None = None) -> None:
+    def quantize(self, kind: str, group_size: int, kernels: CpuKernels | None = None) -> None:
         """Replace the weight by its int8 or int4 form: from the loaded codes when there are some, else
-        quantized from the float weight; int4 on `int4_gemm` where that kernel serves it. What is left in
-        `weight` is an empty placeholder of the layer's dtype and device (what LoRA stacks read)."""
+        quantized from the float weight; on llamaserve's CPU kernels (of `kernels`) where they serve it. What
+        is left in `weight` is an empty placeholder of the layer's dtype and device (what LoRA stacks read)."""
         dtype, device = self.weight.dtype, self.weight.device
-        if kind == "int8" and self.codes is None:
-            self.quantized = Int8Weight.quantize(self.weight.detach(), dtype)
-        else:
-            codes = self.codes if self.codes is not None else GroupCodes.from_float(self.weight.detach(), group_size)
-            self.quantized = int4_weight(codes, device, int4_gemm)
+        self.quantized = quantized_weight(kind, self.weight.detach(), self.codes, group_size, kernels)
         self.codes = None
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
 
