@@ -25,7 +25,7 @@ PRECISIONS = {  # name -> load_model's dtype, quantization, kernel choice (and L
     "bfloat16 (oneDNN)": ("bfloat16", "none", False),
     "int8 (bf16)": ("bfloat16", "int8", True), "int4 (bf16)": ("bfloat16", "int4", True),
     "int4 (bf16, torch's kernels)": ("bfloat16", "int4", False),
-    "int4 + int4 LM head (bf16)": ("bfloat16", "int4", True, "int4"),
+    "int4 + int8 LM head (bf16)": ("bfloat16", "int4", True, "int8"),
     "int4 gguf (bf16)": ("bfloat16", "auto", True), "int4 gguf (f32)": ("float32", "auto", True),
 }
 CACHE = Path.home() / ".cache" / "llamaserve"
