@@ -199,3 +199,38 @@ def test_linear_quantizes_onto_the_int8_kernel(int8):
     assert isinstance(ours.quantized, Int8KernelWeight) and isinstance(theirs.quantized, Int8Weight)
     x = torch.randn(3, 64)
     assert (ours(x) - theirs(x)).abs().max() <= 0.01 * theirs(x).abs().max()
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    kernel = cpu_kernels.layer_ops(tmp_path_factory.mktemp("cache"))
+    if kernel is None:
+        pytest.skip("this CPU or machine cannot run the AVX-512 kernels (torch's operators serve)")
+    return kernel
+
+
+def ulp_close(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Within one rounding step of the dtype (the float32 sums run in another order than torch's)."""
+    step = 2**-7 if dtype == torch.bfloat16 else 2**-20
+    return bool(((ours.float() - theirs.float()).abs() <= step * theirs.float().abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_and_activation_match_torch(ops, dtype):
+    torch.manual_seed(7)
+    for rows in (1, 3, 17):
+        x, delta = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
+        weight = (torch.rand(576) + 0.5).to(dtype)
+        expected_x = x + delta
+        expected = torch.nn.functional.rms_norm(expected_x, (576,), None, 1e-5) * weight
+        ours_x = x.clone()
+        out = ops.add_rms_norm(ours_x, delta, weight, 1e-5)
+        assert torch.equal(ours_x, expected_x)  # the residual add, rounded as torch rounds it
+        assert ulp_close(out, expected, dtype)
+        alone = ops.add_rms_norm(x[:1].clone(), delta[:1], weight, 1e-5)
+        assert torch.equal(alone[0], out[0])  # a row never depends on the others
+        assert ulp_close(ops.add_rms_norm(x.clone(), None, weight, 1e-5),
+                         torch.nn.functional.rms_norm(x, (576,), None, 1e-5) * weight, dtype)
+        gate_up = torch.randn(rows, 2 * 1536).to(dtype)
+        gate, up = gate_up.split(1536, dim=-1)
+        assert ulp_close(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, dtype)

@@ -4,9 +4,9 @@ Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source
 version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
 next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
 torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
-instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm` and `paged_attention` return None, log why
-once, and the layers keep torch's kernels (oneDNN, torch's int8 and int4 CPU kernels, the torch attention
-backend).
+instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm`, `paged_attention` and `layer_ops` return
+None, log why once, and the layers keep torch's kernels (oneDNN, torch's int8 and int4 CPU kernels, the torch
+attention backend, torch's elementwise operators).
 
 The libraries link libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded:
 their OpenMP loops run on torch's own threads, `torch.get_num_threads()` of them.
@@ -271,6 +271,51 @@ def bf16_gemm(cache_dir: Path) -> Bf16Gemm | None:
         return None
 
 
+class LayerOps:
+    """A decoder layer's elementwise steps fused (csrc/layer_ops.c), in float32 or bfloat16 with the roundings
+    of the torch operators they replace: the residual add with the RMSNorm after it, and SiLU(gate) * up."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
+        lib.silu_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
+        lib.add_rms_norm.restype = lib.silu_mul.restype = None
+        self.lib = lib
+
+    @staticmethod
+    def supports(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """x [rows, hidden] += delta (in place, when given), then rms_norm(x) * weight, a new tensor."""
+        if delta is not None and (delta.dtype != x.dtype or not delta.is_contiguous()):
+            delta = delta.to(x.dtype).contiguous()
+        out = torch.empty_like(x)
+        self.lib.add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), x.shape[0], x.shape[1], eps, int(x.dtype == torch.bfloat16),
+                              torch.get_num_threads())
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [rows, 2 * inter] -> [rows, inter]
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=gate_up.dtype)
+        self.lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, int(gate_up.dtype == torch.bfloat16),
+                          torch.get_num_threads())
+        return out
+
+
+@functools.cache
+def layer_ops(cache_dir: Path) -> LayerOps | None:
+    """The fused elementwise kernels, built on first use; None (logged once) where they cannot run here."""
+    try:
+        _check_cpu(BF16_CPU_FLAGS)
+        return LayerOps(build("layer_ops.c", BF16_FLAGS, Path(cache_dir), libs=("-lm",)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("norms and activations", e)
+        return None
+
+
 @dataclass(frozen=True)
 class CpuKernels:
     """Which of llamaserve's kernels run on this machine (None: torch's serves that kind of layer)."""
@@ -279,6 +324,7 @@ class CpuKernels:
     int8: Int8Gemm | None = None
     int4: Int4Gemm | None = None
     attention: PagedAttention | None = None
+    layer_ops: LayerOps | None = None
 
     @classmethod
     def build(cls, cache_dir: Path, dtype: torch.dtype, kinds: set[str]) -> "CpuKernels":
@@ -286,4 +332,4 @@ class CpuKernels:
         return cls(bf16_gemm(cache_dir) if dtype == torch.bfloat16 else None,
                    int8_gemm(cache_dir) if "int8" in kinds else None,
                    int4_gemm(cache_dir) if "int4" in kinds else None,
-                   paged_attention(cache_dir))
+                   paged_attention(cache_dir), layer_ops(cache_dir))

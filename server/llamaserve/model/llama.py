@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import ModelArchitecture
 from .attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata, select_attention_backend
-from .cpu_kernels import Bf16Gemm, CpuKernels
+from .cpu_kernels import Bf16Gemm, CpuKernels, LayerOps
 from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
 from .sharding import TensorParallel, heads_per_rank
@@ -29,6 +29,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)  # replicated on every rank
         self.eps = eps
+        self.ops: LayerOps | None = None  # llamaserve's fused CPU kernels, given at load
 
     def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
         return tuple(self.weight.shape)
@@ -36,7 +37,13 @@ class RMSNorm(nn.Module):
     def load_weight(self, checkpoint, name: str, part: None = None) -> None:
         self.weight.data.copy_(checkpoint.read(name))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """rms_norm(x) * weight; with `delta`, x += delta first, in place (x is the residual stream, delta
+        what the last block adds to it): one fused call on CPU where llamaserve's kernel runs."""
+        if self.ops is not None and self.ops.supports(x):
+            return self.ops.add_rms_norm(x, delta, self.weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
         # torch's rms_norm normalises in float32 whatever the input's dtype and rounds to it, as the reference
         # does before its multiply by the weight (bit-identical, in one call instead of seven).
         return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
@@ -69,9 +76,13 @@ class LlamaMLP(nn.Module):
         size = arch.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, {"gate": (size, tp.size), "up": (size, tp.size)}, tp)
         self.down_proj = RowParallelLinear(size, arch.hidden_size, tp)
+        self.ops: LayerOps | None = None  # llamaserve's fused CPU kernels, given at load
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.gate_up_proj.part_sizes, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.ops is not None and self.ops.supports(gate_up):
+            return self.down_proj(self.ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.gate_up_proj.part_sizes, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
 
 
@@ -83,10 +94,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, tp)
 
-    def forward(self, x, cos, sin, kv_cache, meta, plan):
-        # The residual adds in place: x is this forward's own tensor (the embedding's output, then this sum).
-        x = x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, plan))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, delta, cos, sin, kv_cache, meta, plan):
+        """x: the residual stream, this forward's own tensor (the embedding's output, then the sums), updated in
+        place; delta: what the layer before adds to it, added here with the norm (None for the first layer).
+        Returns x and this layer's MLP output, for the next norm to add."""
+        h = self.self_attn(self.input_layernorm(x, delta), cos, sin, kv_cache, meta, plan)
+        return x, self.mlp(self.post_attention_layernorm(x, h))
 
 
 class LlamaModel(nn.Module):
@@ -159,11 +172,19 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, meta.token_seq_lens, x.dtype)
         plan = self.attention_for(x.device, x.dtype).plan(meta) if attention_plan is None else attention_plan
+        delta = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, plan)
+            x, delta = layer(x, delta, cos, sin, kv_cache, meta, plan)
         # Only the positions that will be sampled go through the final norm and the vocabulary projection.
-        logits = self.lm_head(self.model.norm(x[meta.logits_indices]))
+        rows = meta.logits_indices
+        logits = self.lm_head(self.model.norm(x[rows], delta[rows]))
         return None if logits is None else logits.float()
+
+    def use_layer_ops(self, ops: LayerOps | None) -> None:
+        """Fuse every norm's residual add, and every MLP's SiLU * up, through `ops` (None: torch's operators)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaMLP)):
+                module.ops = ops
 
     def pack_for_cpu(self, gemm: Bf16Gemm | None = None) -> None:
         """Hand every float linear layer's weight to a CPU kernel (see parallel.Linear): `gemm` where it serves

@@ -232,6 +232,7 @@ def load_model(
             f"{sum(kind == k for kind in plan.values())} layers {k}" for k in sorted(set(plan.values()))))
     if kernels is not None:
         model.cpu_attention_kernel = kernels.attention
+        model.use_layer_ops(kernels.layer_ops)
     if on_cpu and torch.backends.mkldnn.is_available():
         model.pack_for_cpu(kernels.bf16 if kernels is not None else None)
     return model.eval()
