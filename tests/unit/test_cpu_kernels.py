@@ -234,3 +234,20 @@ def test_fused_norm_and_activation_match_torch(ops, dtype):
         gate_up = torch.randn(rows, 2 * 1536).to(dtype)
         gate, up = gate_up.split(1536, dim=-1)
         assert ulp_close(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_matches_torch(ops, dtype):
+    from llamaserve.model.architecture import ModelArchitecture
+    from llamaserve.model.rotary import RotaryEmbedding, apply_rotary
+
+    arch = ModelArchitecture(vocab_size=256, hidden_size=64 * 9, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048)
+    positions = torch.tensor([0, 5, 17, 1000, 2047])
+    cos, sin = RotaryEmbedding(arch)(positions, None, dtype)
+    heads = torch.randn(5, 9 + 2 * 3, 64).to(dtype)
+    expected = apply_rotary(heads[:, :12], cos, sin)
+    ours = heads.clone()
+    ops.rotary(ours, 12, cos, sin)
+    assert torch.equal(ours[:, 12:], heads[:, 12:])  # v untouched
+    assert ulp_close(ours[:, :12], expected, dtype)

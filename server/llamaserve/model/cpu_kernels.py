@@ -273,13 +273,15 @@ def bf16_gemm(cache_dir: Path) -> Bf16Gemm | None:
 
 class LayerOps:
     """A decoder layer's elementwise steps fused (csrc/layer_ops.c), in float32 or bfloat16 with the roundings
-    of the torch operators they replace: the residual add with the RMSNorm after it, and SiLU(gate) * up."""
+    of the torch operators they replace: the residual add with the RMSNorm after it, SiLU(gate) * up, and
+    rotary embedding of q and k in place."""
 
     def __init__(self, lib: ctypes.CDLL):
         i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
         lib.silu_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
-        lib.add_rms_norm.restype = lib.silu_mul.restype = None
+        lib.rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32]
+        lib.add_rms_norm.restype = lib.silu_mul.restype = lib.rotary.restype = None
         self.lib = lib
 
     @staticmethod
@@ -296,6 +298,13 @@ class LayerOps:
                               out.data_ptr(), x.shape[0], x.shape[1], eps, int(x.dtype == torch.bfloat16),
                               torch.get_num_threads())
         return out
+
+    def rotary(self, heads: torch.Tensor, rotated: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the first `rotated` heads of heads [tokens, heads, head_dim] (rows may be strided) in place;
+        cos, sin: [tokens, 1, head_dim] contiguous, from model/rotary.py."""
+        tokens, _, head_dim = heads.shape
+        self.lib.rotary(heads.data_ptr(), tokens, heads.stride(0), rotated, head_dim, cos.data_ptr(), sin.data_ptr(),
+                        int(heads.dtype == torch.bfloat16), torch.get_num_threads())
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [rows, 2 * inter] -> [rows, inter]
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2

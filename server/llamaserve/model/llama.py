@@ -60,13 +60,19 @@ class LlamaAttention(nn.Module):
                                "v": (arch.kv_size, kv_shards)}, tp,
         )
         self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size, tp)
+        self.ops: LayerOps | None = None  # llamaserve's fused CPU kernels, given at load
         self.backend: AttentionBackend | None = None  # shared by every layer; LlamaForCausalLM sets it
 
     def forward(self, x, cos, sin, kv_cache, meta, plan):
         n = x.shape[0]
         heads = self.qkv_proj(x).view(n, -1, self.head_dim)  # [n, num_heads + 2 * num_kv_heads, head_dim]
-        qk = apply_rotary(heads[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k in one rotation
-        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], heads[:, self.num_heads + self.num_kv_heads :]
+        rotated = self.num_heads + self.num_kv_heads  # q and k, in one rotation
+        if self.ops is not None and self.ops.supports(heads) and self.head_dim <= 512:
+            self.ops.rotary(heads, rotated, cos, sin)
+            qk = heads
+        else:
+            qk = apply_rotary(heads[:, :rotated], cos, sin)
+        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads : rotated], heads[:, rotated:]
         return self.o_proj(self.backend.forward(q, k, v, kv_cache, meta, plan))
 
 
@@ -181,9 +187,10 @@ class LlamaForCausalLM(nn.Module):
         return None if logits is None else logits.float()
 
     def use_layer_ops(self, ops: LayerOps | None) -> None:
-        """Fuse every norm's residual add, and every MLP's SiLU * up, through `ops` (None: torch's operators)."""
+        """Fuse every norm's residual add, every MLP's SiLU * up and every attention's rotary embedding through
+        `ops` (None: torch's operators)."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, LlamaMLP)):
+            if isinstance(module, (RMSNorm, LlamaMLP, LlamaAttention)):
                 module.ops = ops
 
     def pack_for_cpu(self, gemm: Bf16Gemm | None = None) -> None:

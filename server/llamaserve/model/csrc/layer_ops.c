@@ -1,10 +1,11 @@
 /* A decoder layer's elementwise steps fused, float32 or bfloat16 with torch's roundings (AVX-512):
    the residual add with the RMSNorm that follows it, and SiLU(gate) * up. At decode sizes each is a few
-   thousand values, so the torch operators they replace (add_, rms_norm, mul; split, silu, mul_) cost their
-   dispatch, not their arithmetic.
+   thousand values, so the torch operators they replace (add_, rms_norm, mul; split, silu, mul_; mul, roll,
+   mul, add) cost their dispatch, not their arithmetic.
 
    bfloat16 rounds where torch's operators do: the sum, the normalised value (F.rms_norm's output), its
-   product with the weight; SiLU's output, then its product with up. */
+   product with the weight; SiLU's output, then its product with up; each of rotary's two products and their
+   sum. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -68,5 +69,25 @@ void silu_mul(const void *gate_up, void *out, int64_t rows, int64_t inter, int b
     for (int64_t i = 0; i < inter; i++) {
       float g = load1(gate_up, r * 2 * inter + i, bf16), u = load1(gate_up, r * 2 * inter + inter + i, bf16);
       store1(out, r * inter + i, round1(g / (1.0f + expf(-g)), bf16) * u, bf16);
+    }
+}
+
+/* In place, the first `rotated` heads of each token's [heads, head_dim] row of x (token stride `stride`):
+   x * cos + roll(x, head_dim / 2) * sin, with cos, sin [tokens, head_dim] as model/rotary.py lays them out
+   (sin's first half negated). */
+void rotary(void *x, int64_t tokens, int64_t stride, int64_t rotated, int64_t head_dim, const void *cos,
+            const void *sin, int bf16, int threads) {
+  const int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens > 8)
+  for (int64_t t = 0; t < tokens; t++)
+    for (int64_t h = 0; h < rotated; h++) {
+      int64_t base = t * stride + h * head_dim;
+      float row[512];
+      for (int64_t i = 0; i < head_dim; i++) row[i] = load1(x, base + i, bf16);
+      for (int64_t i = 0; i < head_dim; i++) {
+        float c = load1(cos, t * head_dim + i, bf16), s = load1(sin, t * head_dim + i, bf16);
+        float rolled = row[(i + half) % head_dim];
+        store1(x, base + i, round1(row[i] * c, bf16) + round1(rolled * s, bf16), bf16);
+      }
     }
 }
