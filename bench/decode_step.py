@@ -37,7 +37,7 @@ def load(precision: str):
     those kernels)."""
     dtype, quantization, cpu_kernels, *lm_head = PRECISIONS[precision]
     return load_model(resolve_checkpoint(None, CACHE, quantization), dtype, quantization=quantization,
-                      cpu_kernels=cpu_kernels, lm_head_quantization=(lm_head or ["none"])[0])
+                      cpu_kernels=cpu_kernels, lm_head_quantization=(lm_head or ["auto"])[0])
 
 
 def bandwidth_gb_s(gib: float = 1.0, repeat: int = 5) -> float:

@@ -19,8 +19,10 @@ TEXT = Path(__file__).parent.parent / "tests" / "data" / "perplexity.txt"
 PRECISIONS = {  # name -> (dtype, quantization, int4 group size, LM head quantization)
     "float32": ("float32", "none", 32, "none"), "bfloat16": ("bfloat16", "none", 32, "none"),
     "int8": ("float32", "int8", 32, "none"), "int4 g32": ("float32", "int4", 32, "none"),
-    "int4 g64": ("float32", "int4", 64, "none"), "gguf (auto)": ("float32", "auto", 32, "none"),
-    "int8, bf16 model": ("bfloat16", "int8", 32, "none"), "gguf (auto), bf16 model": ("bfloat16", "auto", 32, "none"),
+    "int4 g64": ("float32", "int4", 64, "none"), "gguf (auto), float head": ("float32", "auto", 32, "none"),
+    "gguf (auto), int8 head": ("float32", "auto", 32, "auto"), "int8, bf16 model": ("bfloat16", "int8", 32, "none"),
+    "gguf (auto), float head, bf16 model": ("bfloat16", "auto", 32, "none"),
+    "gguf (auto), int8 head, bf16 model": ("bfloat16", "auto", 32, "auto"),
     "int4 g32, int8 LM head, bf16 model": ("bfloat16", "int4", 32, "int8"),
     "int4 g32, int4 LM head, bf16 model": ("bfloat16", "int4", 32, "int4"),
 }

@@ -38,8 +38,9 @@ def add_serve_parser(subcommands) -> None:
                    "channel, int4 in groups; auto: a .gguf file's Q4_0/Q4_1/Q8_0 tensors at their own precision "
                    "(default none: a .gguf is de-quantized to float)")
     p.add_argument("--lm-head-quantization", choices=LM_HEAD_QUANTIZATIONS,
-                   help="quantize the LM head (the output projection) too, int8 or int4 as above (default none: "
-                   "it keeps --dtype; a tied embedding keeps it either way)")
+                   help="the LM head (the output projection): int8 or int4 as above, or none: --dtype (default auto: "
+                   "int8 with --quantization auto when the .gguf stores it quantized, as llama.cpp serves it; else "
+                   "none). A tied embedding keeps --dtype either way")
     p.add_argument("--quantization-group-size", type=int, choices=INT4_GROUP_SIZES,
                    help="int4: input features sharing a scale and minimum (default 32)")
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default 2048)")

@@ -180,7 +180,7 @@ def load_model(
     attention_backend: str = "auto",
     quantization: str = "none",
     quantization_group_size: int = 32,
-    lm_head_quantization: str = "none",
+    lm_head_quantization: str = "auto",
     cpu_kernels: bool = True,
     cache_dir: Path = ModelConfig.cache_dir,
 ) -> LlamaForCausalLM:
@@ -188,7 +188,7 @@ def load_model(
     a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora). `attention_backend`:
     one of ATTENTION_BACKENDS (llamaserve.model.attention). `quantization`: one of QUANTIZATIONS
     (llamaserve.model.quantization); "auto" on a converted GGUF reads the file itself (model.gguf).
-    `lm_head_quantization`: "int8" or "int4" quantizes the LM head too (from its float weight).
+    `lm_head_quantization`: one of LM_HEAD_QUANTIZATIONS, for the LM head (from its float weight).
     `cpu_kernels`: on CPU, bfloat16 and int4 layers run llamaserve's own matmul kernels, and "auto" attention
     its decode kernel, where they run (built in `cache_dir`, llamaserve.model.cpu_kernels); the rest torch's
     (oneDNN, torch's int4 kernel, the torch attention backend)."""
@@ -216,8 +216,9 @@ def load_model(
         for name, kind in plan.items():
             if kind == "int4":
                 modules[name].expect_codes(checkpoint.group_size)
-    if lm_head_quantization != "none":
-        plan["lm_head"] = lm_head_quantization  # from its float weight (often the tied embedding's)
+    lm_head = model.lm_head_quantization(lm_head_quantization, quantization, checkpoint)
+    if lm_head is not None:
+        plan["lm_head"] = lm_head  # from its float weight (often the tied embedding's)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     names = checkpoint.names()
