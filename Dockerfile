@@ -16,8 +16,9 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
 
+# gcc: llamaserve compiles its CPU kernels (server/llamaserve/model/csrc) on first use on CPU.
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv ca-certificates \
+        python3 python3-venv ca-certificates gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 # A virtual environment: Ubuntu 24.04's own Python refuses pip installs (PEP 668).
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1

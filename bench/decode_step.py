@@ -20,21 +20,24 @@ from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
 from llamaserve.model.loader import load_model, resolve_checkpoint
 from llamaserve.model.parallel import Linear
 
-PRECISIONS = {  # name -> load_model's dtype, quantization and kernel choice
+PRECISIONS = {  # name -> load_model's dtype, quantization, kernel choice (and LM head quantization)
     "float32": ("float32", "none", True), "bfloat16": ("bfloat16", "none", True),
     "bfloat16 (oneDNN)": ("bfloat16", "none", False),
     "int8 (bf16)": ("bfloat16", "int8", True), "int4 (bf16)": ("bfloat16", "int4", True),
+    "int4 (bf16, torch's kernels)": ("bfloat16", "int4", False),
+    "int4 + int8 LM head (bf16)": ("bfloat16", "int4", True, "int8"),
     "int4 gguf (bf16)": ("bfloat16", "auto", True), "int4 gguf (f32)": ("float32", "auto", True),
 }
 CACHE = Path.home() / ".cache" / "llamaserve"
 
 
 def load(precision: str):
-    """The default model at one of PRECISIONS; "bfloat16" runs llamaserve's bf16 kernel where this CPU has it,
-    "(oneDNN)" does not."""
-    dtype, quantization, cpu_kernels = PRECISIONS[precision]
+    """The default model at one of PRECISIONS, on llamaserve's own CPU kernels (bf16 and int4 matmuls, decode
+    attention) where this CPU runs them; "(oneDNN)" and "(torch's kernels)" on torch's only (the code before
+    those kernels)."""
+    dtype, quantization, cpu_kernels, *lm_head = PRECISIONS[precision]
     return load_model(resolve_checkpoint(None, CACHE, quantization), dtype, quantization=quantization,
-                      cpu_kernels=cpu_kernels)
+                      cpu_kernels=cpu_kernels, lm_head_quantization=(lm_head or ["auto"])[0])
 
 
 def bandwidth_gb_s(gib: float = 1.0, repeat: int = 5) -> float:

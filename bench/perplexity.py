@@ -16,17 +16,23 @@ from llamaserve.model.perplexity import perplexity
 from llamaserve.tokenizer import Tokenizer
 
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "perplexity.txt"
-PRECISIONS = {  # name -> (dtype, quantization, int4 group size)
-    "float32": ("float32", "none", 32), "bfloat16": ("bfloat16", "none", 32),
-    "int8": ("float32", "int8", 32), "int4 g32": ("float32", "int4", 32), "int4 g64": ("float32", "int4", 64),
-    "gguf (auto)": ("float32", "auto", 32),
-    "int8, bf16 model": ("bfloat16", "int8", 32), "gguf (auto), bf16 model": ("bfloat16", "auto", 32),
+PRECISIONS = {  # name -> (dtype, quantization, int4 group size, LM head quantization)
+    "float32": ("float32", "none", 32, "none"), "bfloat16": ("bfloat16", "none", 32, "none"),
+    "int8": ("float32", "int8", 32, "none"), "int4 g32": ("float32", "int4", 32, "none"),
+    "int4 g64": ("float32", "int4", 64, "none"), "gguf (auto), float head": ("float32", "auto", 32, "none"),
+    "gguf (auto), int8 head": ("float32", "auto", 32, "auto"), "int8, bf16 model": ("bfloat16", "int8", 32, "none"),
+    "gguf (auto), float head, bf16 model": ("bfloat16", "auto", 32, "none"),
+    "gguf (auto), int8 head, bf16 model": ("bfloat16", "auto", 32, "auto"),
+    "int4 g32, int8 LM head, bf16 model": ("bfloat16", "int4", 32, "int8"),
+    "int4 g32, int4 LM head, bf16 model": ("bfloat16", "int4", 32, "int4"),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
+                        help="the first is the reference for agreement (default: all, float32 first)")
     args = parser.parse_args()
     cache = Path.home() / ".cache" / "llamaserve"
     checkpoint = resolve_checkpoint(None, cache, "none")
@@ -35,8 +41,10 @@ def main() -> None:
     print("| precision | perplexity | vs float32 | top-1 agreement with float32 | seconds |")
     print("|---|---|---|---|---|")
     reference = None
-    for name, (dtype, quantization, group_size) in PRECISIONS.items():
-        model = load_model(checkpoint, dtype, quantization=quantization, quantization_group_size=group_size)
+    for name in args.precisions:
+        dtype, quantization, group_size, lm_head = PRECISIONS[name]
+        model = load_model(checkpoint, dtype, quantization=quantization, quantization_group_size=group_size,
+                           lm_head_quantization=lm_head)
         start = time.perf_counter()
         result = perplexity(model, ids, args.window)
         seconds = time.perf_counter() - start

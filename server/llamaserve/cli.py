@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
-from llamaserve.config import ATTENTION_BACKENDS, INT4_GROUP_SIZES, QUANTIZATIONS
+from llamaserve.config import ATTENTION_BACKENDS, INT4_GROUP_SIZES, LM_HEAD_QUANTIZATIONS, QUANTIZATIONS
 
 
 def add_serve_parser(subcommands) -> None:
@@ -31,12 +31,17 @@ def add_serve_parser(subcommands) -> None:
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="on CUDA: run decode steps eagerly, without CUDA graphs (less startup time and memory)")
     p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false", default=None,
-                   help="on CPU: run bfloat16 linear layers on oneDNN and LoRA deltas on torch's matmuls, not on "
-                   "llamaserve's own AVX-512 kernels (built with the system's C compiler on first use)")
+                   help="on CPU: run everything on torch's kernels (oneDNN, torch's int8/int4 kernels, the torch "
+                   "attention backend, LoRA's one-hot matmuls), not on llamaserve's own AVX-512 kernels (built with "
+                   "the system's C compiler on first use)")
     p.add_argument("--quantization", choices=QUANTIZATIONS,
                    help="weight-only quantization of the decoder layers' linear weights at load: int8 per output "
                    "channel, int4 in groups; auto: a .gguf file's Q4_0/Q4_1/Q8_0 tensors at their own precision "
                    "(default none: a .gguf is de-quantized to float)")
+    p.add_argument("--lm-head-quantization", choices=LM_HEAD_QUANTIZATIONS,
+                   help="the LM head (the output projection): int8 or int4 as above, or none: --dtype (default auto: "
+                   "int8 with --quantization auto when the .gguf stores it quantized, as llama.cpp serves it; else "
+                   "none). A tied embedding keeps --dtype either way")
     p.add_argument("--quantization-group-size", type=int, choices=INT4_GROUP_SIZES,
                    help="int4: input features sharing a scale and minimum (default 32)")
     p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default 2048)")

@@ -13,6 +13,9 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 # GGUF file's Q4_0/Q4_1/Q8_0 tensors at their own precision, anything else unquantized.
 QUANTIZATIONS = ("none", "int8", "int4", "auto")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
+# The output projection's own choice (it is the largest layer); "auto": int8 when `quantization` is "auto" and the
+# GGUF file stores it (or the embedding it is tied to) quantized, as llama.cpp serves it; else none.
+LM_HEAD_QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -26,15 +29,19 @@ class ModelConfig:
     merge_lora: str | None = None  # a PEFT LoRA adapter folder folded into the weights at load
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (every step runs eagerly)
-    quantization: str = "none"  # one of QUANTIZATIONS; the LM head and the embeddings keep `dtype`
+    quantization: str = "none"  # one of QUANTIZATIONS, for the decoder layers (the LM head: lm_head_quantization)
+    lm_head_quantization: str = "auto"  # one of LM_HEAD_QUANTIZATIONS: the LM head too (the embeddings keep `dtype`)
     quantization_group_size: int = 32  # int4: input features per scale and minimum (GGUF's Q4 blocks are 32)
-    cpu_kernels: bool = True  # on CPU: bfloat16 layers and LoRA deltas on llamaserve's own AVX-512 kernels where they run
+    cpu_kernels: bool = True  # on CPU: llamaserve's own AVX-512 kernels where they run (model/cpu_kernels.py), not torch's
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        if self.lm_head_quantization not in LM_HEAD_QUANTIZATIONS:
+            raise ValueError(f"lm_head_quantization must be one of {', '.join(LM_HEAD_QUANTIZATIONS)}, "
+                             f"not {self.lm_head_quantization!r}")
         if self.quantization_group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
                              f"not {self.quantization_group_size!r}")

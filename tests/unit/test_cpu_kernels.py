@@ -1,5 +1,6 @@
-"""llamaserve's own bfloat16 matmul kernel (model/csrc/gemm_bf16.c) against float32 arithmetic on the same
-bfloat16 values, through the layer that serves it, and the fallback where it cannot be built."""
+"""llamaserve's own matmul kernels (model/csrc/gemm_bf16.c, gemm_int8.c, gemm_int4.c) against float32 arithmetic on the same
+bfloat16 values (int4: on the weight they de-quantize to), through the layers that serve them, and the fallback
+where they cannot be built."""
 
 import logging
 import os
@@ -10,6 +11,7 @@ import torch
 
 from llamaserve.model import cpu_kernels
 from llamaserve.model.parallel import Linear
+from llamaserve.model.quantization import GroupCodes, Int4KernelWeight, Int4Weight, Int8KernelWeight, Int8Weight
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_no_compiler_means_onednn_and_a_log_line(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: cpu_kernels.BF16_CPU_FLAGS)
     with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
         assert cpu_kernels.bf16_gemm(tmp_path / "cache") is None
-    assert "oneDNN" in caplog.text and "failed" in caplog.text
+    assert "unavailable" in caplog.text and "failed" in caplog.text
     monkeypatch.setattr(cpu_kernels, "cpu_flags", set)
     with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
         assert cpu_kernels.bf16_gemm(tmp_path / "other") is None
@@ -113,3 +115,139 @@ def test_a_built_kernel_is_reused(gemm, tmp_path):
     built = library.stat().st_mtime_ns
     cpu_kernels.build("gemm_bf16.c", cpu_kernels.BF16_FLAGS, tmp_path)
     assert library.stat().st_mtime_ns == built and first is not None
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory):
+    kernel = cpu_kernels.int4_gemm(tmp_path_factory.mktemp("cache"))
+    if kernel is None:
+        pytest.skip("this CPU or machine cannot run the AVX-512 BF16 kernels (int4 keeps torch's)")
+    return kernel
+
+
+@pytest.mark.parametrize("n,k,group", [(16, 32, 32), (48, 64, 32), (960, 576, 32), (576, 1536, 32), (80, 256, 64),
+                                       (64, 256, 128), (208, 96, 2)])
+def test_int4_kernel_matches_its_dequantized_weight(int4, n, k, group):
+    torch.manual_seed(n + k)
+    codes = GroupCodes.from_float(torch.randn(n, k) * 0.05, group)
+    weight = Int4KernelWeight(int4, codes)
+    reference = weight.dequantize(codes)  # q * scale + min, both rounded to bfloat16 as the kernel holds them
+    for m in (1, 2, 3, 4, 7, 64):
+        x = torch.randn(m, k).bfloat16()
+        y = weight.matmul(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert close(y, x, reference), (m, n, k, group)
+    x32 = torch.randn(5, k)
+    assert weight.matmul(x32).dtype == torch.float32  # a float32 model's layer: bfloat16 inside, float32 out
+
+
+def test_int4_rows_do_not_depend_on_their_neighbours(int4):
+    torch.manual_seed(4)
+    weight = Int4KernelWeight(int4, GroupCodes.from_float(torch.randn(960, 576) * 0.05, 32))
+    x = torch.randn(1, 576).bfloat16()
+    alone = weight.matmul(x)
+    for m in (2, 3, 4, 16, 65):
+        others = torch.randn(m, 576).bfloat16()
+        for at in (0, m // 2, m):
+            assert torch.equal(weight.matmul(torch.cat([others[:at], x, others[at:]]))[at], alone[0]), (m, at)
+
+
+def test_linear_quantizes_onto_the_int4_kernel(int4):
+    """Every shape torch's int4 CPU kernel takes (out % 16 == 0), this one takes too."""
+    torch.manual_seed(5)
+    ours, theirs = Linear(64, 96), Linear(64, 96)
+    ours.weight.data.normal_(0, 0.05)
+    theirs.weight.data = ours.weight.data.clone()
+    ours.quantize("int4", 32, cpu_kernels.CpuKernels(int4=int4))
+    theirs.quantize("int4", 32)
+    assert isinstance(ours.quantized, Int4KernelWeight) and isinstance(theirs.quantized, Int4Weight)
+    x = torch.randn(3, 64)
+    assert (ours(x) - theirs(x)).abs().max() < 0.02 * theirs(x).abs().max()  # bf16 scales: zero vs minimum
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory):
+    kernel = cpu_kernels.int8_gemm(tmp_path_factory.mktemp("cache"))
+    if kernel is None:
+        pytest.skip("this CPU or machine cannot run the AVX-512 kernels (int8 keeps torch's)")
+    return kernel
+
+
+@pytest.mark.parametrize("n,k", [(16, 3), (48, 64), (960, 576), (576, 1536), (80, 100), (49152 // 64, 576)])
+def test_int8_kernel_matches_its_dequantized_weight(int8, n, k):
+    torch.manual_seed(n + k)
+    theirs = Int8Weight.quantize(torch.randn(n, k) * 0.05, torch.bfloat16)
+    ours = Int8KernelWeight(int8, theirs)
+    reference = theirs.dequantize()
+    assert torch.equal(ours.dequantize(), reference)  # the layout holds the same codes and scales
+    for m in (1, 2, 5, 6, 7, 64):
+        x = torch.randn(m, k).bfloat16()
+        y = ours.matmul(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert close(y, x, reference), (m, n, k)
+    alone = ours.matmul(x[:1])
+    assert torch.equal(ours.matmul(torch.cat([torch.randn(4, k).bfloat16(), x[:1]]))[4], alone[0])  # batch invariant
+
+
+def test_linear_quantizes_onto_the_int8_kernel(int8):
+    torch.manual_seed(6)
+    ours, theirs = Linear(64, 96), Linear(64, 96)
+    ours.weight.data.normal_(0, 0.05)
+    theirs.weight.data = ours.weight.data.clone()
+    ours.quantize("int8", 32, cpu_kernels.CpuKernels(int8=int8))
+    theirs.quantize("int8", 32)
+    assert isinstance(ours.quantized, Int8KernelWeight) and isinstance(theirs.quantized, Int8Weight)
+    x = torch.randn(3, 64)
+    assert (ours(x) - theirs(x)).abs().max() <= 0.01 * theirs(x).abs().max()
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    kernel = cpu_kernels.layer_ops(tmp_path_factory.mktemp("cache"))
+    if kernel is None:
+        pytest.skip("this CPU or machine cannot run the AVX-512 kernels (torch's operators serve)")
+    return kernel
+
+
+def ulp_close(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Within one rounding step of the dtype (the float32 sums run in another order than torch's)."""
+    step = 2**-7 if dtype == torch.bfloat16 else 2**-20
+    return bool(((ours.float() - theirs.float()).abs() <= step * theirs.float().abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_and_activation_match_torch(ops, dtype):
+    torch.manual_seed(7)
+    for rows in (1, 3, 17):
+        x, delta = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
+        weight = (torch.rand(576) + 0.5).to(dtype)
+        expected_x = x + delta
+        expected = torch.nn.functional.rms_norm(expected_x, (576,), None, 1e-5) * weight
+        ours_x = x.clone()
+        out = ops.add_rms_norm(ours_x, delta, weight, 1e-5)
+        assert torch.equal(ours_x, expected_x)  # the residual add, rounded as torch rounds it
+        assert ulp_close(out, expected, dtype)
+        alone = ops.add_rms_norm(x[:1].clone(), delta[:1], weight, 1e-5)
+        assert torch.equal(alone[0], out[0])  # a row never depends on the others
+        assert ulp_close(ops.add_rms_norm(x.clone(), None, weight, 1e-5),
+                         torch.nn.functional.rms_norm(x, (576,), None, 1e-5) * weight, dtype)
+        gate_up = torch.randn(rows, 2 * 1536).to(dtype)
+        gate, up = gate_up.split(1536, dim=-1)
+        assert ulp_close(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_matches_torch(ops, dtype):
+    from llamaserve.model.architecture import ModelArchitecture
+    from llamaserve.model.rotary import RotaryEmbedding, apply_rotary
+
+    arch = ModelArchitecture(vocab_size=256, hidden_size=64 * 9, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048)
+    positions = torch.tensor([0, 5, 17, 1000, 2047])
+    cos, sin = RotaryEmbedding(arch)(positions, None, dtype)
+    heads = torch.randn(5, 9 + 2 * 3, 64).to(dtype)
+    expected = apply_rotary(heads[:, :12], cos, sin)
+    ours = heads.clone()
+    ops.rotary(ours, 12, cos, sin)
+    assert torch.equal(ours[:, 12:], heads[:, 12:])  # v untouched
+    assert ulp_close(ours[:, :12], expected, dtype)

@@ -1,10 +1,13 @@
-"""The torch attention backend against attention written out per sequence: decode groups (the whole step in order,
-scattered, a lone sequence on consecutive blocks read in place or on scattered blocks gathered) and prefill chunks."""
+"""The torch attention backend, and the CPU backend on llamaserve's decode kernel, against attention written out per
+sequence: decode groups (the whole step in order, scattered, a lone sequence on consecutive blocks read in place or
+on scattered blocks gathered) and prefill chunks; the kernel also in bfloat16, on q/k/v that are views of one fused
+projection, with grouped-query attention up to 8 query heads a KV head."""
 
 import pytest
 import torch
 
-from llamaserve.model.attention import AttentionMetadata, TorchAttentionBackend
+from llamaserve.model.attention import AttentionMetadata, CpuAttentionBackend, TorchAttentionBackend
+from llamaserve.model.cpu_kernels import paged_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 16, 4
 
@@ -33,13 +36,46 @@ def reference(q, k_cache, v_cache, meta):
     ([1, 1], [3, 30], [[0], [1, 2, 3, 4, 5, 6, 7, 8]]),  # two buckets
     ([1, 5, 1], [6, 9, 2], [[0, 1], [2, 3, 4], [5]]),  # a prefill chunk between decodes
 ])
-def test_matches_attention_written_out(query_lens, seq_lens, block_tables):
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+def test_matches_attention_written_out(query_lens, seq_lens, block_tables, backend_name, tmp_path):
     torch.manual_seed(0)
     num_tokens = sum(query_lens)
     k_cache, v_cache = (torch.randn(10, BLOCK, KV_HEADS, HEAD_DIM) for _ in range(2))
     q = torch.randn(num_tokens, HEADS, HEAD_DIM)
     k, v = (torch.randn(num_tokens, KV_HEADS, HEAD_DIM) for _ in range(2))
     meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, BLOCK)
-    backend = TorchAttentionBackend(HEADS, KV_HEADS, HEAD_DIM)
+    backend = make_backend(backend_name, tmp_path)
     out = backend.forward(q, k, v, (k_cache, v_cache), meta, backend.plan(meta))  # writes k, v into the caches
     torch.testing.assert_close(out, reference(q, k_cache, v_cache, meta), rtol=1e-5, atol=1e-5)
+
+
+def make_backend(name: str, cache_dir, heads: int = HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM):
+    if name == "torch":
+        return TorchAttentionBackend(heads, kv_heads, head_dim)
+    kernel = paged_attention(cache_dir)
+    if kernel is None:
+        pytest.skip("this machine cannot run llamaserve's CPU attention kernel")
+    return CpuAttentionBackend(kernel, heads, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 1, 32), (4, 4, 128)])
+def test_the_cpu_kernel_on_views_of_a_fused_projection(tmp_path, dtype, heads, kv_heads, head_dim):
+    """A step as the model runs it: q, k, v cut from one [tokens, heads + 2 kv_heads, head_dim] tensor, decodes
+    of many context lengths (one call) around a prefill chunk, in float32 and bfloat16, against the torch
+    backend on the same inputs (bfloat16: within its rounding; the kernel keeps the probabilities in float32)."""
+    torch.manual_seed(heads + head_dim)
+    query_lens, seq_lens = [1, 1, 7, 1, 1], [1, 40, 12, 17, 130]
+    tables = [[9], [3, 14, 0], [5, 6, 7], [1, 2], [15, 16, 17, 18, 19, 20, 21, 22, 23]]
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, 16)
+    caches = [tuple(torch.randn(24, 16, kv_heads, head_dim).to(dtype) for _ in range(2)) for _ in range(2)]
+    caches[1] = tuple(c.clone() for c in caches[0])
+    fused = torch.randn(sum(query_lens), heads + 2 * kv_heads, head_dim).to(dtype)
+    q, k, v = fused[:, :heads], fused[:, heads : heads + kv_heads], fused[:, heads + kv_heads :]
+    outs = []
+    for name, cache in zip(("torch", "cpu"), caches):
+        backend = make_backend(name, tmp_path, heads, kv_heads, head_dim)
+        outs.append(backend.forward(q, k, v, cache, meta, backend.plan(meta)))
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])  # the same writes
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=tolerance, atol=tolerance)

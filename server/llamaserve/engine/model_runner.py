@@ -84,6 +84,7 @@ class ModelRunner:
                                 progress=config.model.show_progress and rank == 0, merge_lora=config.model.merge_lora,
                                 attention_backend=config.model.attention_backend,
                                 quantization=config.model.quantization,
+                                lm_head_quantization=config.model.lm_head_quantization,
                                 quantization_group_size=config.model.quantization_group_size,
                                 cpu_kernels=config.model.cpu_kernels, cache_dir=config.model.cache_dir)
         self.block_size = config.cache.block_size

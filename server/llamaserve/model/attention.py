@@ -136,10 +136,12 @@ class AttentionBackend(Protocol):
 
 
 def select_attention_backend(
-    name: str, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+    name: str, device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+    cpu_kernel=None,
 ) -> AttentionBackend:
     """`name`: one of ATTENTION_BACKENDS. "auto" on CUDA: FlashInfer where it is installed and serves the
-    shape (the Triton kernels if it then fails to start), else the Triton kernels; elsewhere the torch
+    shape (the Triton kernels if it then fails to start), else the Triton kernels; on CPU, llamaserve's kernel
+    (`cpu_kernel`, a cpu_kernels.PagedAttention) where it is given and serves the shape; elsewhere the torch
     backend. An explicit name that cannot serve raises ValueError."""
     from .flashinfer_attention import flashinfer_unsupported
 
@@ -149,6 +151,8 @@ def select_attention_backend(
     heads = (num_heads, num_kv_heads, head_dim)
     has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
+        if device.type == "cpu" and cpu_kernel is not None and cpu_kernel.supports(dtype, *heads):
+            return CpuAttentionBackend(cpu_kernel, *heads)
         if device.type != "cuda":
             return TorchAttentionBackend(*heads)
         if flashinfer_unsupported(device, dtype, head_dim) is None:
@@ -292,16 +296,19 @@ class TorchAttentionBackend:
                     return og.view(q.shape[0], -1)
                 out[g.dest] = og
                 continue
-            num_seqs, max_q = g.token_index.shape
-            # Stack each KV head's query heads along the query axis: no K/V repetition for GQA.
-            qg = q[g.token_index].view(num_seqs, max_q, self.num_kv_heads, self.queries_per_kv, self.head_dim)
-            qg = qg.permute(0, 2, 1, 3, 4).reshape(num_seqs, self.num_kv_heads, -1, self.head_dim)
-            kg, vg = (self._gather(cache, g) for cache in kv_cache)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
-            og = og.view(num_seqs, self.num_kv_heads, max_q, self.queries_per_kv, self.head_dim)
-            og = og.permute(0, 2, 1, 3, 4).reshape(num_seqs * max_q, self.num_heads, self.head_dim)
-            out[g.dest] = og[g.rows]
+            out[g.dest] = self._prefill(q, kv_cache, g)
         return out.view(q.shape[0], -1)
+
+    def _prefill(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], g: _Group) -> torch.Tensor:
+        """One group with prefill chunks: [tokens of the group, num_heads, head_dim], in g.dest order."""
+        num_seqs, max_q = g.token_index.shape
+        # Stack each KV head's query heads along the query axis: no K/V repetition for GQA.
+        qg = q[g.token_index].view(num_seqs, max_q, self.num_kv_heads, self.queries_per_kv, self.head_dim)
+        qg = qg.permute(0, 2, 1, 3, 4).reshape(num_seqs, self.num_kv_heads, -1, self.head_dim)
+        kg, vg = (self._gather(cache, g) for cache in kv_cache)
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
+        og = og.view(num_seqs, self.num_kv_heads, max_q, self.queries_per_kv, self.head_dim)
+        return og.permute(0, 2, 1, 3, 4).reshape(num_seqs * max_q, self.num_heads, self.head_dim)[g.rows]
 
     def _decode(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], g: _Group) -> torch.Tensor:
         """One decode group: [G, num_heads, head_dim]. Each KV head's query heads stack as its query rows
@@ -326,3 +333,39 @@ class TorchAttentionBackend:
         else:
             blocks = cache.index_select(0, g.block_tables.view(-1))  # [G * max_blocks, block_size, ...]
         return blocks.view(num_seqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+
+@dataclass
+class _CpuPlan:
+    prefills: list[_Group]  # one per prefill chunk, through the torch backend's path
+    decode_tokens: torch.Tensor  # [num_decodes] long: the flat token of each decoding sequence
+    decode_tables: torch.Tensor  # [num_decodes, max_blocks] long: their block tables
+    decode_lens: torch.Tensor  # [num_decodes] long: their seq_lens
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The torch backend with the cache writes and every decode token in llamaserve's C kernel
+    (cpu_kernels.PagedAttention): one call a layer for all the step's decodes, whatever their contexts, where
+    the torch path runs a dozen operators per decode bucket. Prefill chunks take the torch path."""
+
+    name = "cpu"
+
+    def __init__(self, kernel, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__(num_heads, num_kv_heads, head_dim)
+        self.kernel = kernel  # cpu_kernels.PagedAttention
+
+    def plan(self, meta: AttentionMetadata) -> _CpuPlan:
+        starts = np.concatenate([[0], np.cumsum(meta.query_lens)[:-1]]).astype(np.int64)
+        prefills = [self._group(meta, [i], starts.tolist(), "cpu") for i, q in enumerate(meta.query_lens) if q > 1]
+        decodes = meta.decode_seqs
+        return _CpuPlan(prefills, torch.from_numpy(starts)[decodes], meta.block_table[decodes].contiguous(),
+                        meta.seq_lens_tensor[decodes].contiguous())
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, plan: _CpuPlan) -> torch.Tensor:
+        self.kernel.write_kv(k, v, meta.slot_mapping, kv_cache)
+        out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype)
+        if plan.decode_tokens.numel():
+            self.kernel.decode(q, kv_cache, plan.decode_tokens, plan.decode_tables, plan.decode_lens, out)
+        for g in plan.prefills:
+            out.view_as(q)[g.dest] = self._prefill(q, kv_cache, g)
+        return out

@@ -4,8 +4,9 @@ Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source
 version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
 next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
 torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
-instructions, a build error) `bf16_gemm` and `lora_delta` return None, log why once, and the layers keep
-oneDNN (or torch's LoRA matmuls).
+instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm`, `paged_attention`, `layer_ops` and
+`lora_delta` return None, log why once, and the layers keep torch's kernels (oneDNN, torch's int8 and int4 CPU
+kernels, the torch attention backend, torch's elementwise operators, LoRA's one-hot matmuls).
 
 The libraries link libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded:
 their OpenMP loops run on torch's own threads, `torch.get_num_threads()` of them.
@@ -18,6 +19,7 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,19 +47,19 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def build(source: str, flags: list[str], cache_dir: Path) -> ctypes.CDLL:
-    """csrc/`source` compiled with `flags` (once per cache key) and loaded."""
+def build(source: str, flags: list[str], cache_dir: Path, libs: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """csrc/`source` compiled with `flags` and linked with `libs` (once per cache key), and loaded."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise KernelUnavailable("no C compiler (cc or gcc) on PATH")
     text = (SOURCES / source).read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(text + repr(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + repr((flags, libs)).encode() + version.encode()).hexdigest()[:16]
     library = cache_dir / "kernels" / key / (Path(source).stem + ".so")
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         partial = library.with_suffix(f".{os.getpid()}.tmp")  # ranks building at once each rename a whole file
-        result = subprocess.run([compiler, *flags, str(SOURCES / source), "-o", str(partial)],
+        result = subprocess.run([compiler, *flags, str(SOURCES / source), *libs, "-o", str(partial)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -105,6 +107,226 @@ class Bf16Gemm:
         return y
 
 
+class Int4Gemm:
+    """y = x @ W^T for 4-bit group-wise weights (w = q * scale + min) in this kernel's layout (csrc/gemm_int4.c),
+    bfloat16 activations: reads the codes at up to 3x the speed of torch's int4 CPU kernel at decode sizes."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.pack_int4.argtypes = [ptr] * 5 + [i64] * 3
+        lib.gemm_int4.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+        lib.pack_int4.restype = lib.gemm_int4.restype = None
+        self.lib = lib
+
+    @staticmethod
+    def supports(shape: tuple[int, int], group_size: int) -> bool:
+        return shape[0] % 16 == 0 and group_size % 2 == 0 and shape[1] % group_size == 0
+
+    def pack(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+             group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [out, in] codes 0..15, scales and mins [out, in / group_size] -> (codes [blocks of 64 outputs * 32 * in]
+        uint8, bfloat16 scales and minimums [out * in / group_size * 2]) in the kernel's layout."""
+        (n, k), groups = q.shape, q.shape[1] // group_size
+        q, scales, mins = q.to(torch.uint8).contiguous(), scales.float().contiguous(), mins.float().contiguous()
+        codes = torch.zeros(-(-n // 64) * 32 * k, dtype=torch.uint8)
+        params = torch.empty(n * groups * 2, dtype=torch.bfloat16)
+        self.lib.pack_int4(q.data_ptr(), scales.data_ptr(), mins.data_ptr(), codes.data_ptr(), params.data_ptr(),
+                           n, k, group_size)
+        return codes, params
+
+    def matmul(self, x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, shape: tuple[int, int],
+               group_size: int) -> torch.Tensor:  # [m, in] -> [m, out] bfloat16
+        if x.dtype != torch.bfloat16 or x.stride(-1) != 1:
+            x = x.to(torch.bfloat16).contiguous()
+        (n, k), m = shape, x.shape[0]
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        sums = torch.empty(m, k // group_size)  # each row's sum over each group, float32
+        self.lib.gemm_int4(x.data_ptr(), x.stride(0), codes.data_ptr(), params.data_ptr(), y.data_ptr(),
+                           sums.data_ptr(), m, n, k, group_size, torch.get_num_threads())
+        return y
+
+
+class Int8Gemm:
+    """y = (x @ q^T) * scales for int8 weights with a scale per output row, in this kernel's layout
+    (csrc/gemm_int8.c), bfloat16 activations: twice the speed of torch's `_weight_int8pack_mm` at one row."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.pack_int8.argtypes = [ptr, ptr, i64, i64]
+        lib.gemm_int8.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        lib.pack_int8.restype = lib.gemm_int8.restype = None
+        self.lib = lib
+
+    @staticmethod
+    def supports(shape: tuple[int, int]) -> bool:
+        return shape[0] % 16 == 0
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:  # [out, in] int8 -> the same codes in the kernel's layout
+        q = q.contiguous()
+        codes = torch.empty_like(q)
+        self.lib.pack_int8(q.data_ptr(), codes.data_ptr(), *q.shape)
+        return codes
+
+    def matmul(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x [m, in] -> [m, out] bfloat16; scales [out] float32."""
+        if x.dtype != torch.bfloat16 or x.stride(-1) != 1:
+            x = x.to(torch.bfloat16).contiguous()
+        (n, k), m = codes.shape, x.shape[0]
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        widened = torch.empty(m, k)  # x in float32
+        self.lib.gemm_int8(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                           widened.data_ptr(), m, n, k, torch.get_num_threads())
+        return y
+
+
+@functools.cache
+def int8_gemm(cache_dir: Path) -> Int8Gemm | None:
+    """The int8 matmul kernel, built on first use; None (logged once) where it cannot run here."""
+    try:
+        _check_cpu(BF16_CPU_FLAGS)
+        return Int8Gemm(build("gemm_int8.c", BF16_FLAGS, Path(cache_dir)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("int8 layers", e)
+        return None
+
+
+class PagedAttention:
+    """Decode tokens' attention over the paged KV cache, and the step's cache writes (csrc/attention.c), for
+    model/attention.py's CpuAttentionBackend."""
+
+    MAX_GROUP, MAX_HEAD_DIM = 8, 256  # query heads per KV head, and head_dim, the kernel holds in its registers
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+        lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64,
+                                         ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        lib.write_kv.restype = lib.decode_attention.restype = None
+        self.lib = lib
+
+    @classmethod
+    def supports(cls, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+        return (dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0 and head_dim <= cls.MAX_HEAD_DIM
+                and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= cls.MAX_GROUP)
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                 cache: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """k, v: [tokens, kv_heads, head_dim] (rows may be strided) into their `slots` of the (K, V) cache."""
+        _, _, kv_heads, head_dim = cache[0].shape
+        bf16 = int(cache[0].dtype == torch.bfloat16)
+        self.lib.write_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), slots.numel(),
+                          cache[0].data_ptr(), cache[1].data_ptr(), kv_heads, head_dim, bf16)
+
+    def decode(self, q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor,
+               tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor) -> None:
+        """out[tokens[s]] ([tokens, heads * head_dim], contiguous) = sequence s's query token q[tokens[s]]
+        ([tokens, heads, head_dim], rows may be strided) attending over its seq_lens[s] cached tokens, whose
+        blocks are tables[s] ([seqs, max_blocks] int64, contiguous)."""
+        _, block_size, kv_heads, head_dim = cache[0].shape
+        heads = q.shape[1]
+        self.lib.decode_attention(q.data_ptr(), q.stride(0), cache[0].data_ptr(), cache[1].data_ptr(),
+                                  tokens.data_ptr(), tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(),
+                                  tokens.numel(), out.data_ptr(), block_size, heads, kv_heads, head_dim,
+                                  head_dim**-0.5, int(cache[0].dtype == torch.bfloat16), torch.get_num_threads())
+
+
+@functools.cache
+def paged_attention(cache_dir: Path) -> PagedAttention | None:
+    """The CPU decode attention kernel, built on first use; None (logged once) where it cannot run here."""
+    try:
+        _check_cpu(BF16_CPU_FLAGS)
+        return PagedAttention(build("attention.c", BF16_FLAGS, Path(cache_dir), libs=("-lm",)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("attention", e)
+        return None
+
+
+def _unavailable(what: str, e: Exception) -> None:
+    log.info("%s run on torch's kernels: llamaserve's own is unavailable here (%s)", what, e)
+
+
+@functools.cache
+def int4_gemm(cache_dir: Path) -> Int4Gemm | None:
+    """The int4 matmul kernel, built on first use; None (logged once) where it cannot run here."""
+    try:
+        _check_cpu(BF16_CPU_FLAGS)
+        return Int4Gemm(build("gemm_int4.c", BF16_FLAGS, Path(cache_dir)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("int4 layers", e)
+        return None
+
+
+def _check_cpu(flags: set[str]) -> None:
+    missing = flags - cpu_flags()
+    if missing:
+        raise KernelUnavailable(f"the CPU lacks {', '.join(sorted(missing))}")
+
+
+@functools.cache
+def bf16_gemm(cache_dir: Path) -> Bf16Gemm | None:
+    """The bfloat16 matmul kernel, built on first use; None (logged once) where it cannot run here."""
+    try:
+        _check_cpu(BF16_CPU_FLAGS)
+        return Bf16Gemm(build("gemm_bf16.c", BF16_FLAGS, Path(cache_dir)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("bfloat16 linear layers", e)
+        return None
+
+
+class LayerOps:
+    """A decoder layer's elementwise steps fused (csrc/layer_ops.c), in float32 or bfloat16 with the roundings
+    of the torch operators they replace: the residual add with the RMSNorm after it, SiLU(gate) * up, and
+    rotary embedding of q and k in place."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
+        lib.silu_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
+        lib.rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32]
+        lib.add_rms_norm.restype = lib.silu_mul.restype = lib.rotary.restype = None
+        self.lib = lib
+
+    @staticmethod
+    def supports(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """x [rows, hidden] += delta (in place, when given), then rms_norm(x) * weight, a new tensor."""
+        if delta is not None and (delta.dtype != x.dtype or not delta.is_contiguous()):
+            delta = delta.to(x.dtype).contiguous()
+        out = torch.empty_like(x)
+        self.lib.add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), x.shape[0], x.shape[1], eps, int(x.dtype == torch.bfloat16),
+                              torch.get_num_threads())
+        return out
+
+    def rotary(self, heads: torch.Tensor, rotated: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the first `rotated` heads of heads [tokens, heads, head_dim] (rows may be strided) in place;
+        cos, sin: [tokens, 1, head_dim] contiguous, from model/rotary.py."""
+        tokens, _, head_dim = heads.shape
+        self.lib.rotary(heads.data_ptr(), tokens, heads.stride(0), rotated, head_dim, cos.data_ptr(), sin.data_ptr(),
+                        int(heads.dtype == torch.bfloat16), torch.get_num_threads())
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [rows, 2 * inter] -> [rows, inter]
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=gate_up.dtype)
+        self.lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, int(gate_up.dtype == torch.bfloat16),
+                          torch.get_num_threads())
+        return out
+
+
+@functools.cache
+def layer_ops(cache_dir: Path) -> LayerOps | None:
+    """The fused elementwise kernels, built on first use; None (logged once) where they cannot run here."""
+    try:
+        _check_cpu(BF16_CPU_FLAGS)
+        return LayerOps(build("layer_ops.c", BF16_FLAGS, Path(cache_dir), libs=("-lm",)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("norms and activations", e)
+        return None
+
+
 class LoraDelta:
     """y[t] += B_s @ (A_s @ x[t]) for each token t with an adapter slot s, from that slot alone (csrc/lora.c): one
     call a projection, whatever mix of adapters and base tokens the batch holds, and a token's delta never
@@ -149,31 +371,31 @@ class LoraDelta:
         return y
 
 
-def _available(source: str, flags: list[str], cpu_needs: set[str], cache_dir: Path) -> ctypes.CDLL:
-    missing = cpu_needs - cpu_flags()
-    if missing:
-        raise KernelUnavailable(f"the CPU lacks {', '.join(sorted(missing))}")
-    return build(source, flags, Path(cache_dir))
-
-
-UNAVAILABLE = (KernelUnavailable, OSError, subprocess.SubprocessError)
-
-
-@functools.cache
-def bf16_gemm(cache_dir: Path) -> Bf16Gemm | None:
-    """The bfloat16 matmul kernel, built on first use; None (logged once) where it cannot run here."""
-    try:
-        return Bf16Gemm(_available("gemm_bf16.c", BF16_FLAGS, BF16_CPU_FLAGS, cache_dir))
-    except UNAVAILABLE as e:
-        log.info("bfloat16 linear layers run on oneDNN: llamaserve's kernel is unavailable (%s)", e)
-        return None
-
-
 @functools.cache
 def lora_delta(cache_dir: Path) -> LoraDelta | None:
     """The LoRA delta kernel, built on first use; None (logged once) where it cannot run here."""
     try:
-        return LoraDelta(_available("lora.c", LORA_FLAGS, LORA_CPU_FLAGS, cache_dir))
-    except UNAVAILABLE as e:
-        log.info("LoRA deltas run on torch's matmuls: llamaserve's kernel is unavailable (%s)", e)
+        _check_cpu(LORA_CPU_FLAGS)
+        return LoraDelta(build("lora.c", LORA_FLAGS, Path(cache_dir)))
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _unavailable("LoRA deltas", e)
         return None
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """Which of llamaserve's kernels run on this machine (None: torch's serves that kind of layer)."""
+
+    bf16: Bf16Gemm | None = None
+    int8: Int8Gemm | None = None
+    int4: Int4Gemm | None = None
+    attention: PagedAttention | None = None
+    layer_ops: LayerOps | None = None
+
+    @classmethod
+    def build(cls, cache_dir: Path, dtype: torch.dtype, kinds: set[str]) -> "CpuKernels":
+        """The kernels a model in `dtype` with quantized layers of `kinds` ("int8", "int4") uses."""
+        return cls(bf16_gemm(cache_dir) if dtype == torch.bfloat16 else None,
+                   int8_gemm(cache_dir) if "int8" in kinds else None,
+                   int4_gemm(cache_dir) if "int4" in kinds else None,
+                   paged_attention(cache_dir), layer_ops(cache_dir))

@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import ModelArchitecture
 from .attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata, select_attention_backend
-from .cpu_kernels import Bf16Gemm
+from .cpu_kernels import Bf16Gemm, CpuKernels, LayerOps
 from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
 from .sharding import TensorParallel, heads_per_rank
@@ -29,6 +29,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)  # replicated on every rank
         self.eps = eps
+        self.ops: LayerOps | None = None  # llamaserve's fused CPU kernels, given at load
 
     def checkpoint_shape(self, part: None = None) -> tuple[int, ...]:
         return tuple(self.weight.shape)
@@ -36,7 +37,13 @@ class RMSNorm(nn.Module):
     def load_weight(self, checkpoint, name: str, part: None = None) -> None:
         self.weight.data.copy_(checkpoint.read(name))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """rms_norm(x) * weight; with `delta`, x += delta first, in place (x is the residual stream, delta
+        what the last block adds to it): one fused call on CPU where llamaserve's kernel runs."""
+        if self.ops is not None and self.ops.supports(x):
+            return self.ops.add_rms_norm(x, delta, self.weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
         # torch's rms_norm normalises in float32 whatever the input's dtype and rounds to it, as the reference
         # does before its multiply by the weight (bit-identical, in one call instead of seven).
         return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
@@ -53,13 +60,19 @@ class LlamaAttention(nn.Module):
                                "v": (arch.kv_size, kv_shards)}, tp,
         )
         self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size, tp)
+        self.ops: LayerOps | None = None  # llamaserve's fused CPU kernels, given at load
         self.backend: AttentionBackend | None = None  # shared by every layer; LlamaForCausalLM sets it
 
     def forward(self, x, cos, sin, kv_cache, meta, plan):
         n = x.shape[0]
         heads = self.qkv_proj(x).view(n, -1, self.head_dim)  # [n, num_heads + 2 * num_kv_heads, head_dim]
-        qk = apply_rotary(heads[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k in one rotation
-        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], heads[:, self.num_heads + self.num_kv_heads :]
+        rotated = self.num_heads + self.num_kv_heads  # q and k, in one rotation
+        if self.ops is not None and self.ops.supports(heads) and self.head_dim <= 512:
+            self.ops.rotary(heads, rotated, cos, sin)
+            qk = heads
+        else:
+            qk = apply_rotary(heads[:, :rotated], cos, sin)
+        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads : rotated], heads[:, rotated:]
         return self.o_proj(self.backend.forward(q, k, v, kv_cache, meta, plan))
 
 
@@ -69,9 +82,13 @@ class LlamaMLP(nn.Module):
         size = arch.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, {"gate": (size, tp.size), "up": (size, tp.size)}, tp)
         self.down_proj = RowParallelLinear(size, arch.hidden_size, tp)
+        self.ops: LayerOps | None = None  # llamaserve's fused CPU kernels, given at load
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.gate_up_proj.part_sizes, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.ops is not None and self.ops.supports(gate_up):
+            return self.down_proj(self.ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.gate_up_proj.part_sizes, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
 
 
@@ -83,10 +100,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, tp)
 
-    def forward(self, x, cos, sin, kv_cache, meta, plan):
-        # The residual adds in place: x is this forward's own tensor (the embedding's output, then this sum).
-        x = x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, plan))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, delta, cos, sin, kv_cache, meta, plan):
+        """x: the residual stream, this forward's own tensor (the embedding's output, then the sums), updated in
+        place; delta: what the layer before adds to it, added here with the norm (None for the first layer).
+        Returns x and this layer's MLP output, for the next norm to add."""
+        h = self.self_attn(self.input_layernorm(x, delta), cos, sin, kv_cache, meta, plan)
+        return x, self.mlp(self.post_attention_layernorm(x, h))
 
 
 class LlamaModel(nn.Module):
@@ -114,6 +133,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(arch, tp)
         self.rotary = RotaryEmbedding(arch)
         self.heads = heads_per_rank(arch, tp.size)  # (query heads, KV heads) on this rank
+        self.cpu_attention_kernel = None  # a cpu_kernels.PagedAttention the loader gives on CPU, for "auto"
         self.set_attention_backend(attention_backend)
         self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, tp)
         self.tie_weights()
@@ -130,7 +150,8 @@ class LlamaForCausalLM(nn.Module):
         """The backend serving attention on `device` in `dtype`, chosen the first time it is asked for."""
         device = torch.device(device)
         if self._attn_serves != (device, dtype):
-            backend = select_attention_backend(self.attention_backend, device, dtype, *self.heads, self.arch.head_dim)
+            backend = select_attention_backend(self.attention_backend, device, dtype, *self.heads, self.arch.head_dim,
+                                               self.cpu_attention_kernel)
             for layer in self.model.layers:
                 layer.self_attn.backend = backend
             self.attn_backend, self._attn_serves = backend, (device, dtype)
@@ -157,11 +178,20 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, meta.token_seq_lens, x.dtype)
         plan = self.attention_for(x.device, x.dtype).plan(meta) if attention_plan is None else attention_plan
+        delta = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, plan)
+            x, delta = layer(x, delta, cos, sin, kv_cache, meta, plan)
         # Only the positions that will be sampled go through the final norm and the vocabulary projection.
-        logits = self.lm_head(self.model.norm(x[meta.logits_indices]))
+        rows = meta.logits_indices
+        logits = self.lm_head(self.model.norm(x[rows], delta[rows]))
         return None if logits is None else logits.float()
+
+    def use_layer_ops(self, ops: LayerOps | None) -> None:
+        """Fuse every norm's residual add, every MLP's SiLU * up and every attention's rotary embedding through
+        `ops` (None: torch's operators)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaMLP, LlamaAttention)):
+                module.ops = ops
 
     def pack_for_cpu(self, gemm: Bf16Gemm | None = None) -> None:
         """Hand every float linear layer's weight to a CPU kernel (see parallel.Linear): `gemm` where it serves
@@ -187,11 +217,24 @@ class LlamaForCausalLM(nn.Module):
         return {name: next(iter(kinds[name])) for name in linears if len(kinds.get(name, ())) == 1
                 and None not in kinds[name]}
 
-    def quantize(self, plan: dict[str, str], group_size: int) -> None:
-        """Quantize the layers of `plan` (from `quantization_plan`), once their weights are loaded."""
+    def lm_head_quantization(self, lm_head: str, quantization: str, checkpoint) -> str | None:
+        """"int8", "int4" or None (float) for the LM head: `lm_head` (one of LM_HEAD_QUANTIZATIONS) as asked, and
+        "auto": int8 under `quantization` "auto" when the checkpoint (a GGUF file) stores the head, or the
+        embedding it is tied to, quantized (llama.cpp multiplies by those codes; int8 per row costs the default
+        model 0.1% perplexity, int4 from float 5.7%: bench/RESULTS.md)."""
+        if lm_head != "auto":
+            return None if lm_head == "none" else lm_head
+        name = "model.embed_tokens.weight" if self.arch.tie_word_embeddings else "lm_head.weight"
+        if quantization == "auto" and hasattr(checkpoint, "kind") and checkpoint.kind(name) is not None:
+            return "int8"
+        return None
+
+    def quantize(self, plan: dict[str, str], group_size: int, kernels: CpuKernels | None = None) -> None:
+        """Quantize the layers of `plan` (from `quantization_plan`), once their weights are loaded; on
+        llamaserve's CPU kernels (of `kernels`) where they serve a layer."""
         modules = dict(self.named_modules())
         for name, kind in plan.items():
-            modules[name].quantize(kind, group_size)
+            modules[name].quantize(kind, group_size, kernels)
 
     def load_weights(self, checkpoint, names: Iterable[str] | None = None) -> None:
         """Load this rank's slice of every checkpoint tensor (transformers' names) into our layers;

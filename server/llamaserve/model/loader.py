@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import DTYPES, ModelConfig
 from .architecture import ModelArchitecture
-from .cpu_kernels import bf16_gemm
+from .cpu_kernels import CpuKernels
 from .llama import LlamaForCausalLM
 from .sharding import TensorParallel
 
@@ -180,6 +180,7 @@ def load_model(
     attention_backend: str = "auto",
     quantization: str = "none",
     quantization_group_size: int = 32,
+    lm_head_quantization: str = "auto",
     cpu_kernels: bool = True,
     cache_dir: Path = ModelConfig.cache_dir,
 ) -> LlamaForCausalLM:
@@ -187,8 +188,10 @@ def load_model(
     a PEFT adapter folder folded into the weights as they load (llamaserve.model.lora). `attention_backend`:
     one of ATTENTION_BACKENDS (llamaserve.model.attention). `quantization`: one of QUANTIZATIONS
     (llamaserve.model.quantization); "auto" on a converted GGUF reads the file itself (model.gguf).
-    `cpu_kernels`: on CPU, bfloat16 layers run llamaserve's own matmul kernel where it runs (built in
-    `cache_dir`, llamaserve.model.cpu_kernels), the rest oneDNN."""
+    `lm_head_quantization`: one of LM_HEAD_QUANTIZATIONS, for the LM head (from its float weight).
+    `cpu_kernels`: on CPU, bfloat16 and int4 layers run llamaserve's own matmul kernels, and "auto" attention
+    its decode kernel, where they run (built in `cache_dir`, llamaserve.model.cpu_kernels); the rest torch's
+    (oneDNN, torch's int4 kernel, the torch attention backend)."""
     path = Path(checkpoint)
     arch = ModelArchitecture.from_checkpoint(path)
     dtype = parse_dtype(dtype)
@@ -213,18 +216,26 @@ def load_model(
         for name, kind in plan.items():
             if kind == "int4":
                 modules[name].expect_codes(checkpoint.group_size)
+    lm_head = model.lm_head_quantization(lm_head_quantization, quantization, checkpoint)
+    if lm_head is not None:
+        plan["lm_head"] = lm_head  # from its float weight (often the tied embedding's)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     names = checkpoint.names()
     if progress:
         names = tqdm(names, desc="Loading weights", unit=" tensors")
     model.load_weights(checkpoint, names)
-    model.quantize(plan, quantization_group_size)
+    on_cpu = torch.device(device).type == "cpu"
+    kernels = CpuKernels.build(cache_dir, dtype, set(plan.values())) if cpu_kernels and on_cpu else None
+    model.quantize(plan, quantization_group_size, kernels)
     if plan:
         log.info("quantization %s: %s", quantization, ", ".join(
             f"{sum(kind == k for kind in plan.values())} layers {k}" for k in sorted(set(plan.values()))))
-    if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
-        model.pack_for_cpu(bf16_gemm(cache_dir) if cpu_kernels and dtype == torch.bfloat16 else None)
+    if kernels is not None:
+        model.cpu_attention_kernel = kernels.attention
+        model.use_layer_ops(kernels.layer_ops)
+    if on_cpu and torch.backends.mkldnn.is_available():
+        model.pack_for_cpu(kernels.bf16 if kernels is not None else None)
     return model.eval()
 
 

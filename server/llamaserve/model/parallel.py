@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import Bf16Gemm
-from .quantization import GroupCodes, Int4Weight, Int8Weight
+from .cpu_kernels import Bf16Gemm, CpuKernels
+from .quantization import GroupCodes, Int4KernelWeight, Int4Weight, Int8KernelWeight, Int8Weight, quantized_weight
 from .sharding import TensorParallel
 
 
@@ -55,18 +55,20 @@ class Linear(nn.Module):
         self.packed = False  # weight in oneDNN's layout
         self.gemm: Bf16Gemm | None = None  # the kernel whose layout the weight is in, instead of oneDNN's
         self.lora = None  # a llamaserve.model.lora.LoraStack once adapters are served
-        self.quantized: Int8Weight | Int4Weight | None = None  # replaces the weight after `quantize`
+        self.quantized: Int8Weight | Int8KernelWeight | Int4Weight | Int4KernelWeight | None = None  # replaces the weight after `quantize`
         self.codes: GroupCodes | None = None  # 4-bit codes loaded as they are (GGUF), until `quantize`
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        return self._matmul(self._padded(x))[:rows]
+        padded = self._padded(x)
+        y = self._matmul(padded)
+        return y if padded is x else y[: x.shape[0]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is None:
             return self.matmul(x)
-        rows, x = x.shape[0], self._padded(x)  # the LoRA delta runs at the base matmul's rows
-        return self.lora.add_to(self._matmul(x), x)[:rows]
+        padded = self._padded(x)  # the LoRA delta runs at the base matmul's rows
+        y = self.lora.add_to(self._matmul(padded), padded)
+        return y if padded is x else y[: x.shape[0]]
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """x with zero rows below, up to `padded_rows`, for a packed matmul: a row's result does not depend
@@ -116,17 +118,12 @@ class Linear(nn.Module):
         self.codes.scales[rows].copy_(codes.scales)
         self.codes.mins[rows].copy_(codes.mins)
 
-    def quantize(self, kind: str, group_size: int) -> None:
+    def quantize(self, kind: str, group_size: int, kernels: CpuKernels | None = None) -> None:
         """Replace the weight by its int8 or int4 form: from the loaded codes when there are some, else
-        quantized from the float weight. What is left in `weight` is an empty placeholder of the layer's
-        dtype and device (what LoRA stacks read)."""
+        quantized from the float weight; on llamaserve's CPU kernels (of `kernels`) where they serve it. What
+        is left in `weight` is an empty placeholder of the layer's dtype and device (what LoRA stacks read)."""
         dtype, device = self.weight.dtype, self.weight.device
-        if self.codes is not None:
-            self.quantized = Int4Weight.from_codes(self.codes, device)
-        elif kind == "int8":
-            self.quantized = Int8Weight.quantize(self.weight.detach(), dtype)
-        else:
-            self.quantized = Int4Weight.quantize(self.weight.detach(), group_size)
+        self.quantized = quantized_weight(kind, self.weight.detach(), self.codes, group_size, kernels)
         self.codes = None
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
 
