@@ -182,12 +182,7 @@ class Int8Gemm:
 @functools.cache
 def int8_gemm(cache_dir: Path) -> Int8Gemm | None:
     """The int8 matmul kernel, built on first use; None (logged once) where it cannot run here."""
-    try:
-        _check_cpu(BF16_CPU_FLAGS)
-        return Int8Gemm(build("gemm_int8.c", BF16_FLAGS, Path(cache_dir)))
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        _unavailable("int8 layers", e)
-        return None
+    return _load(Int8Gemm, "gemm_int8.c", "int8 layers", cache_dir)
 
 
 class PagedAttention:
@@ -233,11 +228,18 @@ class PagedAttention:
 @functools.cache
 def paged_attention(cache_dir: Path) -> PagedAttention | None:
     """The CPU decode attention kernel, built on first use; None (logged once) where it cannot run here."""
+    return _load(PagedAttention, "attention.c", "attention", cache_dir, libs=("-lm",))
+
+
+def _load(kernel: type, source: str, what: str, cache_dir: Path, cpu: set[str] = BF16_CPU_FLAGS,
+          flags: list[str] = BF16_FLAGS, libs: tuple[str, ...] = ()):
+    """`kernel` (a wrapper class) over csrc/`source` built for this machine, or None, logged once, where it
+    cannot run here (`what` names the layers that then keep torch's kernels)."""
     try:
-        _check_cpu(BF16_CPU_FLAGS)
-        return PagedAttention(build("attention.c", BF16_FLAGS, Path(cache_dir), libs=("-lm",)))
+        _check_cpu(cpu)
+        return kernel(build(source, flags, Path(cache_dir), libs))
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        _unavailable("attention", e)
+        _unavailable(what, e)
         return None
 
 
@@ -248,12 +250,7 @@ def _unavailable(what: str, e: Exception) -> None:
 @functools.cache
 def int4_gemm(cache_dir: Path) -> Int4Gemm | None:
     """The int4 matmul kernel, built on first use; None (logged once) where it cannot run here."""
-    try:
-        _check_cpu(BF16_CPU_FLAGS)
-        return Int4Gemm(build("gemm_int4.c", BF16_FLAGS, Path(cache_dir)))
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        _unavailable("int4 layers", e)
-        return None
+    return _load(Int4Gemm, "gemm_int4.c", "int4 layers", cache_dir)
 
 
 def _check_cpu(flags: set[str]) -> None:
@@ -265,12 +262,7 @@ def _check_cpu(flags: set[str]) -> None:
 @functools.cache
 def bf16_gemm(cache_dir: Path) -> Bf16Gemm | None:
     """The bfloat16 matmul kernel, built on first use; None (logged once) where it cannot run here."""
-    try:
-        _check_cpu(BF16_CPU_FLAGS)
-        return Bf16Gemm(build("gemm_bf16.c", BF16_FLAGS, Path(cache_dir)))
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        _unavailable("bfloat16 linear layers", e)
-        return None
+    return _load(Bf16Gemm, "gemm_bf16.c", "bfloat16 linear layers", cache_dir)
 
 
 class LayerOps:
@@ -319,12 +311,7 @@ class LayerOps:
 @functools.cache
 def layer_ops(cache_dir: Path) -> LayerOps | None:
     """The fused elementwise kernels, built on first use; None (logged once) where they cannot run here."""
-    try:
-        _check_cpu(BF16_CPU_FLAGS)
-        return LayerOps(build("layer_ops.c", BF16_FLAGS, Path(cache_dir), libs=("-lm",)))
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        _unavailable("norms and activations", e)
-        return None
+    return _load(LayerOps, "layer_ops.c", "norms and activations", cache_dir, libs=("-lm",))
 
 
 class LoraDelta:
@@ -374,12 +361,7 @@ class LoraDelta:
 @functools.cache
 def lora_delta(cache_dir: Path) -> LoraDelta | None:
     """The LoRA delta kernel, built on first use; None (logged once) where it cannot run here."""
-    try:
-        _check_cpu(LORA_CPU_FLAGS)
-        return LoraDelta(build("lora.c", LORA_FLAGS, Path(cache_dir)))
-    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        _unavailable("LoRA deltas", e)
-        return None
+    return _load(LoraDelta, "lora.c", "LoRA deltas", cache_dir, cpu=LORA_CPU_FLAGS, flags=LORA_FLAGS)
 
 
 @dataclass(frozen=True)
