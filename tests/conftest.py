@@ -52,3 +52,12 @@ def write_config(path: Path, **fields) -> Path:
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     return resolve_checkpoint(None, CACHE_DIR)
+
+
+def built_kernel(build, cache_dir: Path):
+    """One of llamaserve.model.cpu_kernels' builders (bf16_gemm, lora_delta, ...) run into `cache_dir`; the
+    test is skipped where this machine cannot build or run that kernel (its layers keep torch's kernels)."""
+    kernel = build(cache_dir)
+    if kernel is None:
+        pytest.skip(f"this machine cannot run llamaserve's {build.__name__} kernel (torch's kernels serve)")
+    return kernel

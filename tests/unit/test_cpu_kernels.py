@@ -12,14 +12,12 @@ import torch
 from llamaserve.model import cpu_kernels
 from llamaserve.model.parallel import Linear
 from llamaserve.model.quantization import GroupCodes, Int4KernelWeight, Int4Weight, Int8KernelWeight, Int8Weight
+from tests.conftest import built_kernel
 
 
 @pytest.fixture(scope="module")
 def gemm(tmp_path_factory):
-    kernel = cpu_kernels.bf16_gemm(tmp_path_factory.mktemp("cache"))
-    if kernel is None:
-        pytest.skip("this CPU or machine cannot run the AVX-512 BF16 kernel (the layers keep oneDNN)")
-    return kernel
+    return built_kernel(cpu_kernels.bf16_gemm, tmp_path_factory.mktemp("cache"))
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # float32 sums of the bf16 products
@@ -119,10 +117,7 @@ def test_a_built_kernel_is_reused(gemm, tmp_path):
 
 @pytest.fixture(scope="module")
 def int4(tmp_path_factory):
-    kernel = cpu_kernels.int4_gemm(tmp_path_factory.mktemp("cache"))
-    if kernel is None:
-        pytest.skip("this CPU or machine cannot run the AVX-512 BF16 kernels (int4 keeps torch's)")
-    return kernel
+    return built_kernel(cpu_kernels.int4_gemm, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.mark.parametrize("n,k,group", [(16, 32, 32), (48, 64, 32), (960, 576, 32), (576, 1536, 32), (80, 256, 64),
@@ -167,10 +162,7 @@ def test_linear_quantizes_onto_the_int4_kernel(int4):
 
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory):
-    kernel = cpu_kernels.int8_gemm(tmp_path_factory.mktemp("cache"))
-    if kernel is None:
-        pytest.skip("this CPU or machine cannot run the AVX-512 kernels (int8 keeps torch's)")
-    return kernel
+    return built_kernel(cpu_kernels.int8_gemm, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.mark.parametrize("n,k", [(16, 3), (48, 64), (960, 576), (576, 1536), (80, 100), (49152 // 64, 576)])
@@ -203,10 +195,7 @@ def test_linear_quantizes_onto_the_int8_kernel(int8):
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory):
-    kernel = cpu_kernels.layer_ops(tmp_path_factory.mktemp("cache"))
-    if kernel is None:
-        pytest.skip("this CPU or machine cannot run the AVX-512 kernels (torch's operators serve)")
-    return kernel
+    return built_kernel(cpu_kernels.layer_ops, tmp_path_factory.mktemp("cache"))
 
 
 def ulp_close(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype) -> bool:

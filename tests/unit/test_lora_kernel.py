@@ -9,14 +9,12 @@ import torch
 
 from llamaserve.model import cpu_kernels
 from llamaserve.model.lora import LoraContext, LoraStack, SegmentedLoraStack
+from tests.conftest import built_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    kernel = cpu_kernels.lora_delta(tmp_path_factory.mktemp("cache"))
-    if kernel is None:
-        pytest.skip("this CPU or machine cannot run the AVX-512 LoRA kernel (the layers keep torch's matmuls)")
-    return kernel
+    return built_kernel(cpu_kernels.lora_delta, tmp_path_factory.mktemp("cache"))
 
 
 def stacks(kernel, dtype, part_rows, in_features, rank=16, num_slots=4, seed=0):

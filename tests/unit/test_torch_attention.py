@@ -8,6 +8,7 @@ import torch
 
 from llamaserve.model.attention import AttentionMetadata, CpuAttentionBackend, TorchAttentionBackend
 from llamaserve.model.cpu_kernels import paged_attention
+from tests.conftest import built_kernel
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 16, 4
 
@@ -52,10 +53,7 @@ def test_matches_attention_written_out(query_lens, seq_lens, block_tables, backe
 def make_backend(name: str, cache_dir, heads: int = HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM):
     if name == "torch":
         return TorchAttentionBackend(heads, kv_heads, head_dim)
-    kernel = paged_attention(cache_dir)
-    if kernel is None:
-        pytest.skip("this machine cannot run llamaserve's CPU attention kernel")
-    return CpuAttentionBackend(kernel, heads, kv_heads, head_dim)
+    return CpuAttentionBackend(built_kernel(paged_attention, cache_dir), heads, kv_heads, head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
