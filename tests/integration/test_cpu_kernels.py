@@ -1,8 +1,11 @@
-"""llamaserve's bfloat16 CPU kernel in whole models: an engine on it gives each request its solo greedy output in
-any batch, and the default model on it scores the perplexity text as oneDNN's bfloat16 does."""
+"""llamaserve's CPU kernels in whole models: an engine on the bfloat16 kernel gives each request its solo greedy
+output in any batch, the default model on it scores the perplexity text as oneDNN's bfloat16 does, and a decode
+step's layers in one call (cpu_kernels.DecoderLayers) give what they give one kernel call at a time."""
 
 import pytest
+import torch
 
+from llamaserve.model.attention import AttentionMetadata, allocate_kv_cache
 from llamaserve.model.loader import load_model
 from llamaserve.model.perplexity import perplexity
 from tests.conftest import make_tiny_checkpoint
@@ -37,3 +40,43 @@ def test_the_default_model_scores_as_on_onednn(default_checkpoint, text_ids):  #
           f"{mine.agreement(theirs):.3f}")
     assert abs(mine.perplexity / theirs.perplexity - 1) < 0.005
     assert mine.agreement(theirs) >= 0.95  # measured 0.978: two orders of bfloat16 rounding
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_decode_steps_in_one_call_match_the_layer_by_layer_path(tmp_path, quantization):
+    """cpu_kernels.DecoderLayers runs the kernels the layers call one by one: the same logits and cache, bitwise,
+    for sequences of different contexts in one step; a step with a prefill chunk takes the layer-by-layer path."""
+    model = load_model(make_tiny_checkpoint(tmp_path / "tiny", max_position_embeddings=512, seed=3), "bfloat16",
+                       quantization=quantization, cache_dir=tmp_path)
+    if model.decoder is None:
+        pytest.skip("this machine cannot run llamaserve's CPU kernels")
+    arch, block_size, contexts = model.arch, 16, [5, 40, 17, 100]
+    torch.manual_seed(0)
+    kv = [(k.normal_(), v.normal_()) for k, v in allocate_kv_cache(
+        arch.num_hidden_layers, 40, block_size, arch.num_key_value_heads, arch.head_dim, torch.bfloat16, "cpu")]
+    tables = [[9 * i + b for b in range(9)][::-1] for i in range(len(contexts))]  # blocks out of order
+    decode = AttentionMetadata.build([1] * len(contexts), [c + 1 for c in contexts], tables, block_size)
+    ids, positions = torch.tensor([3, 77, 200, 41]), torch.tensor(contexts)
+    calls = []
+    run = model.decoder.run
+    model.decoder.run = lambda *args: calls.append(len(args)) or run(*args)
+
+    def step(ids, positions, meta, one_call: bool):
+        caches = [(k.clone(), v.clone()) for k, v in kv]
+        program, model.decoder = model.decoder, model.decoder if one_call else None
+        logits = model(ids, positions, caches, meta)
+        model.decoder = program
+        return logits, caches
+
+    (fused, fused_kv), (layered, layered_kv) = step(ids, positions, decode, True), step(ids, positions, decode, False)
+    assert len(calls) == 1
+    assert torch.equal(fused, layered)
+    assert all(torch.equal(a, b) for pair in zip(fused_kv, layered_kv) for a, b in zip(*pair))
+    mixed = AttentionMetadata.build([1, 3], [6, 3], tables[:2], block_size)
+    step(torch.tensor([3, 5, 6, 7]), torch.tensor([5, 0, 1, 2]), mixed, True)
+    assert len(calls) == 1  # the prefill chunk's step ran layer by layer
+
+
+def test_no_decoder_call_without_the_kernels(tmp_path):
+    model = load_model(make_tiny_checkpoint(tmp_path / "tiny"), "bfloat16", cpu_kernels=False, cache_dir=tmp_path)
+    assert model.decoder is None

@@ -4,9 +4,10 @@ Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source
 version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
 next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
 torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
-instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm`, `paged_attention`, `layer_ops` and
-`lora_delta` return None, log why once, and the layers keep torch's kernels (oneDNN, torch's int8 and int4 CPU
-kernels, the torch attention backend, torch's elementwise operators, LoRA's one-hot matmuls).
+instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm`, `paged_attention`, `layer_ops`,
+`decoder_layers` and `lora_delta` return None, log why once, and the layers keep torch's kernels (oneDNN, torch's
+int8 and int4 CPU kernels, the torch attention backend, torch's elementwise operators, a call per kernel,
+LoRA's one-hot matmuls).
 
 The libraries link libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded:
 their OpenMP loops run on torch's own threads, `torch.get_num_threads()` of them.
@@ -232,19 +233,15 @@ def paged_attention(cache_dir: Path) -> PagedAttention | None:
 
 
 def _load(kernel: type, source: str, what: str, cache_dir: Path, cpu: set[str] = BF16_CPU_FLAGS,
-          flags: list[str] = BF16_FLAGS, libs: tuple[str, ...] = ()):
+          flags: list[str] = BF16_FLAGS, libs: tuple[str, ...] = (), fallback: str = "torch's kernels"):
     """`kernel` (a wrapper class) over csrc/`source` built for this machine, or None, logged once, where it
-    cannot run here (`what` names the layers that then keep torch's kernels)."""
+    cannot run here (`what` names the layers that then run on `fallback`)."""
     try:
         _check_cpu(cpu)
         return kernel(build(source, flags, Path(cache_dir), libs))
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-        _unavailable(what, e)
+        log.info("%s run on %s: llamaserve's own kernel is unavailable here (%s)", what, fallback, e)
         return None
-
-
-def _unavailable(what: str, e: Exception) -> None:
-    log.info("%s run on torch's kernels: llamaserve's own is unavailable here (%s)", what, e)
 
 
 @functools.cache
@@ -365,6 +362,134 @@ def lora_delta(cache_dir: Path) -> LoraDelta | None:
 
 
 @dataclass(frozen=True)
+class LinearOperands:
+    """A linear layer's weight as one of the matmul kernels above holds it (parallel.Linear.kernel_operands)."""
+
+    kind: str  # "bf16" (Bf16Gemm), "int8" (Int8Gemm) or "int4" (Int4Gemm)
+    weight: torch.Tensor  # the packed weight, or the codes
+    params: torch.Tensor | None  # int8: float32 scales; int4: bfloat16 scales and minimums; bf16: None
+    shape: tuple[int, int]  # (out, in)
+    group_size: int = 0  # int4's
+
+
+@dataclass(frozen=True)
+class DecoderLayerOperands:
+    """One decoder layer's weights, for DecoderLayers."""
+
+    input_norm: torch.Tensor  # [hidden] bfloat16
+    post_norm: torch.Tensor  # [hidden] bfloat16
+    qkv: LinearOperands
+    o: LinearOperands
+    gate_up: LinearOperands
+    down: LinearOperands
+
+
+class _Kernels(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("gemm_bf16", "gemm_int8", "gemm_int4", "write_kv",
+                                                      "decode_attention", "add_rms_norm", "silu_mul", "rotary")]
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("weight", ctypes.c_void_p), ("params", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", _Linear), ("o", _Linear),
+                ("gate_up", _Linear), ("down", _Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("fn", _Kernels), ("layers", ctypes.POINTER(_Layer))] + \
+        [(name, ctypes.c_int64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                             "block_size", "max_k")] + \
+        [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class DecoderLayers:
+    """Every decoder layer of a decode-only step in one call (csrc/decoder.c): the kernels the layer-by-layer
+    path calls one by one from Python (the matmuls, norms, rotary, cache writes and decode attention above), in
+    the same order on the same values, so the result is bit-identical; at batch 1 their dispatch from Python
+    cost as much as the kernels themselves. `program` binds a model's weights once; its `run` is one call."""
+
+    KINDS = {"bf16": 0, "int8": 1, "int4": 2}
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.decoder_scratch_bytes.argtypes = [ptr, i64]
+        lib.decoder_scratch_bytes.restype = ctypes.c_size_t
+        lib.decode_layers.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+        lib.decode_layers.restype = None
+        self.lib = lib
+
+    def program(self, kernels: "CpuKernels", layers: list[DecoderLayerOperands], heads: int, kv_heads: int,
+                head_dim: int, eps: float) -> "DecoderProgram":
+        return DecoderProgram(self.lib, kernels, layers, heads, kv_heads, head_dim, eps)
+
+
+class DecoderProgram:
+    """A model's decoder layers bound to DecoderLayers' call (the tensors in `layers` must outlive it)."""
+
+    def __init__(self, lib: ctypes.CDLL, kernels: "CpuKernels", layers: list[DecoderLayerOperands], heads: int,
+                 kv_heads: int, head_dim: int, eps: float):
+        def address(kernel, name: str) -> int | None:
+            return None if kernel is None else ctypes.cast(getattr(kernel.lib, name), ctypes.c_void_p).value
+
+        fn = _Kernels(address(kernels.bf16, "gemm_bf16"), address(kernels.int8, "gemm_int8"),
+                      address(kernels.int4, "gemm_int4"), address(kernels.attention, "write_kv"),
+                      address(kernels.attention, "decode_attention"), address(kernels.layer_ops, "add_rms_norm"),
+                      address(kernels.layer_ops, "silu_mul"), address(kernels.layer_ops, "rotary"))
+        linears = [linear for layer in layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        for linear in linears:
+            if getattr(fn, "gemm_" + linear.kind) is None:
+                raise KernelUnavailable(f"no {linear.kind} matmul kernel for a {linear.shape} layer")
+        self.lib, self.layers = lib, (_Layer * len(layers))()
+        for struct, layer in zip(self.layers, layers):
+            struct.input_norm, struct.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()
+            for name in ("qkv", "o", "gate_up", "down"):
+                linear = getattr(layer, name)
+                setattr(struct, name, _Linear(DecoderLayers.KINDS[linear.kind], linear.weight.data_ptr(),
+                                              None if linear.params is None else linear.params.data_ptr(),
+                                              *linear.shape, linear.group_size))
+        self.hidden = layers[0].input_norm.numel()
+        self.model = _Model(fn, self.layers, len(layers), self.hidden, heads, kv_heads, head_dim,
+                            layers[0].gate_up.shape[0] // 2, 0, max(linear.shape[1] for linear in linears), eps,
+                            head_dim**-0.5)
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slots: torch.Tensor, tables: torch.Tensor,
+            seq_lens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """x [m, hidden] bfloat16, contiguous: the embeddings of m sequences' one new token each (token s of
+        sequence s: tokens = arange(m)), updated in place into the residual stream after the last layer;
+        returns the last layer's MLP output (delta), which the final norm adds. cos, sin [m, 1, head_dim]
+        from model/rotary.py; slots [m], tables [m, max_blocks], seq_lens [m] int64 as attention.py's."""
+        if self._caches is not kv_caches:
+            self._bind(kv_caches)
+        m = x.shape[0]
+        delta = torch.empty_like(x)
+        scratch = torch.empty(self.lib.decoder_scratch_bytes(ctypes.byref(self.model), m), dtype=torch.uint8)
+        self.lib.decode_layers(ctypes.byref(self.model), x.data_ptr(), delta.data_ptr(), m, cos.data_ptr(),
+                               sin.data_ptr(), slots.data_ptr(), tokens.data_ptr(), tables.data_ptr(),
+                               tables.shape[1], seq_lens.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+        return delta
+
+    def _bind(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The layers' K/V caches: the engine allocates them once, so this runs once."""
+        for struct, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            struct.k_cache, struct.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        self.model.block_size = kv_caches[0][0].shape[1]
+        self._caches = kv_caches
+
+
+@functools.cache
+def decoder_layers(cache_dir: Path) -> DecoderLayers | None:
+    """The one-call decoder, built on first use; None (logged once) where it cannot run here."""
+    return _load(DecoderLayers, "decoder.c", "decode steps", cache_dir, flags=["-O2", "-fPIC", "-shared"],
+                 fallback="a call per kernel from Python")
+
+
+@dataclass(frozen=True)
 class CpuKernels:
     """Which of llamaserve's kernels run on this machine (None: torch's serves that kind of layer)."""
 
@@ -373,6 +498,7 @@ class CpuKernels:
     int4: Int4Gemm | None = None
     attention: PagedAttention | None = None
     layer_ops: LayerOps | None = None
+    decoder: DecoderLayers | None = None
 
     @classmethod
     def build(cls, cache_dir: Path, dtype: torch.dtype, kinds: set[str]) -> "CpuKernels":
@@ -380,4 +506,4 @@ class CpuKernels:
         return cls(bf16_gemm(cache_dir) if dtype == torch.bfloat16 else None,
                    int8_gemm(cache_dir) if "int8" in kinds else None,
                    int4_gemm(cache_dir) if "int4" in kinds else None,
-                   paged_attention(cache_dir), layer_ops(cache_dir))
+                   paged_attention(cache_dir), layer_ops(cache_dir), decoder_layers(cache_dir))

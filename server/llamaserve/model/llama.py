@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import ModelArchitecture
 from .attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata, select_attention_backend
-from .cpu_kernels import Bf16Gemm, CpuKernels, LayerOps
+from .cpu_kernels import Bf16Gemm, CpuKernels, DecoderLayerOperands, DecoderProgram, LayerOps
 from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
 from .sharding import TensorParallel, heads_per_rank
@@ -107,6 +107,15 @@ class LlamaDecoderLayer(nn.Module):
         h = self.self_attn(self.input_layernorm(x, delta), cos, sin, kv_cache, meta, plan)
         return x, self.mlp(self.post_attention_layernorm(x, h))
 
+    def kernel_operands(self) -> DecoderLayerOperands | None:
+        """This layer's weights for cpu_kernels.DecoderLayers, or None unless llamaserve's kernels hold them all."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = [m.kernel_operands() for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
+        if None in linears or any(norm.dtype != torch.bfloat16 for norm in norms):
+            return None
+        return DecoderLayerOperands(*norms, *linears)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArchitecture, tp: TensorParallel):
@@ -134,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(arch)
         self.heads = heads_per_rank(arch, tp.size)  # (query heads, KV heads) on this rank
         self.cpu_attention_kernel = None  # a cpu_kernels.PagedAttention the loader gives on CPU, for "auto"
+        self.decoder: DecoderProgram | None = None  # every layer of a decode-only step in one call (CPU)
         self.set_attention_backend(attention_backend)
         self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, tp)
         self.tie_weights()
@@ -177,14 +187,38 @@ class LlamaForCausalLM(nn.Module):
         every replay); None: planned here."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, meta.token_seq_lens, x.dtype)
-        plan = self.attention_for(x.device, x.dtype).plan(meta) if attention_plan is None else attention_plan
-        delta = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, delta = layer(x, delta, cos, sin, kv_cache, meta, plan)
+        backend = self.attention_for(x.device, x.dtype)
+        plan = backend.plan(meta) if attention_plan is None else attention_plan
+        if self._decodes_in_one_call(backend, plan):
+            delta = self.decoder.run(x, cos, sin, kv_caches, meta.slot_mapping, plan.decode_tables, plan.decode_lens,
+                                     plan.decode_tokens)
+        else:
+            delta = None
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                x, delta = layer(x, delta, cos, sin, kv_cache, meta, plan)
         # Only the positions that will be sampled go through the final norm and the vocabulary projection.
         rows = meta.logits_indices
         logits = self.lm_head(self.model.norm(x[rows], delta[rows]))
         return None if logits is None else logits.float()
+
+    def _decodes_in_one_call(self, backend: AttentionBackend, plan) -> bool:
+        """Whether this step's layers run through `decoder`: every token a decode on the CPU attention kernel,
+        and no adapters (LoRA stacks, once served, sit on every projection)."""
+        return (self.decoder is not None and backend.name == "cpu" and not plan.prefills
+                and self.model.layers[0].self_attn.qkv_proj.lora is None)
+
+    def use_decoder_kernel(self, kernels: CpuKernels) -> None:
+        """Run decode-only steps' layers in one call of `kernels.decoder` where it can: every layer's weights on
+        llamaserve's matmul kernels (so bfloat16 activations), its norms, rotary and attention kernels built,
+        and one rank (the layer-by-layer path all-reduces between them)."""
+        layers = [layer.kernel_operands() for layer in self.model.layers]
+        one_rank = self.model.layers[0].mlp.down_proj.tp.size == 1
+        if None in (kernels.decoder, kernels.attention, kernels.layer_ops) or None in layers or not one_rank:
+            self.decoder = None
+            return
+        self.decoder = kernels.decoder.program(kernels, layers, *self.heads, self.arch.head_dim,
+                                               self.arch.rms_norm_eps)
+        log.info("decode steps: every layer in one call of llamaserve's CPU kernels")
 
     def use_layer_ops(self, ops: LayerOps | None) -> None:
         """Fuse every norm's residual add, every MLP's SiLU * up and every attention's rotary embedding through

@@ -236,6 +236,8 @@ def load_model(
         model.use_layer_ops(kernels.layer_ops)
     if on_cpu and torch.backends.mkldnn.is_available():
         model.pack_for_cpu(kernels.bf16 if kernels is not None else None)
+    if kernels is not None:
+        model.use_decoder_kernel(kernels)
     return model.eval()
 
 

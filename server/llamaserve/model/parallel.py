@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import Bf16Gemm, CpuKernels
+from .cpu_kernels import Bf16Gemm, CpuKernels, LinearOperands
 from .quantization import GroupCodes, Int4KernelWeight, Int4Weight, Int8KernelWeight, Int8Weight, quantized_weight
 from .sharding import TensorParallel
 
@@ -101,6 +101,18 @@ class Linear(nn.Module):
             return
         self.weight = nn.Parameter(self.pack_weight(self.weight), requires_grad=False)
         self.packed = True
+
+    def kernel_operands(self) -> LinearOperands | None:
+        """This layer's weight as one of llamaserve's CPU matmul kernels holds it (for cpu_kernels.DecoderLayers),
+        or None where another kernel (oneDNN, torch's) serves it."""
+        q = self.quantized
+        if self.gemm is not None:
+            return LinearOperands("bf16", self.weight, None, self.shape)
+        if isinstance(q, Int8KernelWeight):
+            return LinearOperands("int8", q.codes, q.scales, self.shape)
+        if isinstance(q, Int4KernelWeight):
+            return LinearOperands("int4", q.codes, q.params, self.shape, q.group_size)
+        return None
 
     # ---- weight-only quantization (llamaserve.model.quantization) -----------------------------------
 
