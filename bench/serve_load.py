@@ -92,6 +92,8 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--no-keep-alive", action="store_true",
+                        help="a new connection per request (llama.cpp's llama-server closes each after its stream)")
     parser.add_argument("--models", help="comma-separated models (e.g. LoRA adapters) the requests take in turn "
                         "(default: the first the server lists)")
     parser.add_argument("--json-schema", metavar="FILE", help="constrain every request by this JSON Schema")
@@ -101,7 +103,8 @@ async def main() -> None:
     args = parser.parse_args()
     sink = OTLPSink(args.otlp_sink) if args.otlp_sink else None
     schema = json.loads(open(args.json_schema).read()) if args.json_schema else None
-    async with httpx.AsyncClient(base_url=args.url, timeout=600) as http:
+    limits = httpx.Limits(max_keepalive_connections=0) if args.no_keep_alive else httpx.Limits()
+    async with httpx.AsyncClient(base_url=args.url, timeout=600, limits=limits) as http:
         models = args.models.split(",") if args.models else [(await http.get("/v1/models")).json()["data"][0]["id"]]
         for model in models:
             await one_request(http, model, 0, 4, schema=schema)  # warm-up (an adapter's first load, the grammar)
