@@ -5,7 +5,9 @@
 
    bfloat16 rounds where torch's operators do: the sum, the normalised value (F.rms_norm's output), its
    product with the weight; SiLU's output, then its product with up; each of rotary's two products and their
-   sum. */
+   sum. Sixteen values at a time (a scalar tail where a row is not a multiple of 16): at 64 rows the scalar
+   loops took a tenth of a bfloat16 decode step, SiLU's expf most of it. exp is vectorised here (about 1 ulp
+   in float32, as Sleef's that torch uses). */
 
 #include <immintrin.h>
 #include <math.h>
@@ -39,14 +41,68 @@ static inline void store1(void *p, int64_t i, float f, int bf16) {
   ((uint16_t *)p)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+static inline __m512 load16(const void *p, int64_t i, int bf16) {
+  if (!bf16) return _mm512_loadu_ps((const float *)p + i);
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+}
+
+static inline __m512 round16(__m512 v, int bf16) { /* to the dtype's nearest (even) value, as round1 */
+  if (!bf16) return v;
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+static inline void store16(void *p, int64_t i, __m512 v, int bf16) {
+  if (bf16)
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+  else
+    _mm512_storeu_ps((float *)p + i, v);
+}
+
+/* e^x: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by Cephes' degree-6 polynomial, times 2^n by vscalefps (which
+   overflows to inf and underflows to 0 as e^x does); x clamped below, where e^x is 0 in float32 anyway */
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline float exp1(float x) { /* exp16's value, for the scalar tails */
+  float v[16];
+  _mm512_storeu_ps(v, exp16(_mm512_set1_ps(x)));
+  return v[0];
+}
+
 /* residual [rows, hidden] += delta (when given); out = rms_norm(residual) * weight. Rows are independent. */
 void add_rms_norm(void *residual, const void *delta, const void *weight, void *out, int64_t rows, int64_t hidden,
                   float eps, int bf16, int threads) {
+  const int64_t vectors = hidden / 16 * 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 8)
   for (int64_t r = 0; r < rows; r++) {
     int64_t base = r * hidden;
-    double squares = 0; /* float32 values, summed in double: the mean is float32-exact to rounding */
-    for (int64_t i = 0; i < hidden; i++) {
+    /* float32 values, their squares summed in double: the mean is float32-exact to rounding, in any order */
+    __m512d squares2 = _mm512_setzero_pd();
+    for (int64_t i = 0; i < vectors; i += 16) {
+      __m512 x = load16(residual, base + i, bf16);
+      if (delta) {
+        x = round16(_mm512_add_ps(x, load16(delta, base + i, bf16)), bf16);
+        store16(residual, base + i, x, bf16);
+      }
+      __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+      __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+      squares2 = _mm512_fmadd_pd(lo, lo, _mm512_fmadd_pd(hi, hi, squares2));
+    }
+    double squares = _mm512_reduce_add_pd(squares2);
+    for (int64_t i = vectors; i < hidden; i++) {
       float x = load1(residual, base + i, bf16);
       if (delta) {
         x = round1(x + load1(delta, base + i, bf16), bf16);
@@ -55,7 +111,12 @@ void add_rms_norm(void *residual, const void *delta, const void *weight, void *o
       squares += (double)x * x;
     }
     float scale = 1.0f / sqrtf((float)(squares / hidden) + eps);
-    for (int64_t i = 0; i < hidden; i++) {
+    __m512 scale16 = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < vectors; i += 16) {
+      __m512 normed = round16(_mm512_mul_ps(load16(residual, base + i, bf16), scale16), bf16);
+      store16(out, base + i, _mm512_mul_ps(normed, load16(weight, i, bf16)), bf16);
+    }
+    for (int64_t i = vectors; i < hidden; i++) {
       float normed = round1(load1(residual, base + i, bf16) * scale, bf16);
       store1(out, base + i, normed * load1(weight, i, bf16), bf16);
     }
@@ -64,17 +125,25 @@ void add_rms_norm(void *residual, const void *delta, const void *weight, void *o
 
 /* gate_up [rows, 2 * inter] -> out [rows, inter] = silu(gate) * up */
 void silu_mul(const void *gate_up, void *out, int64_t rows, int64_t inter, int bf16, int threads) {
+  const int64_t vectors = inter / 16 * 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 8)
-  for (int64_t r = 0; r < rows; r++)
-    for (int64_t i = 0; i < inter; i++) {
-      float g = load1(gate_up, r * 2 * inter + i, bf16), u = load1(gate_up, r * 2 * inter + inter + i, bf16);
-      store1(out, r * inter + i, round1(g / (1.0f + expf(-g)), bf16) * u, bf16);
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t gate = r * 2 * inter, up = gate + inter;
+    for (int64_t i = 0; i < vectors; i += 16) {
+      __m512 g = load16(gate_up, gate + i, bf16);
+      __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      store16(out, r * inter + i, _mm512_mul_ps(round16(silu, bf16), load16(gate_up, up + i, bf16)), bf16);
     }
+    for (int64_t i = vectors; i < inter; i++) {
+      float g = load1(gate_up, gate + i, bf16);
+      store1(out, r * inter + i, round1(g / (1.0f + exp1(-g)), bf16) * load1(gate_up, up + i, bf16), bf16);
+    }
+  }
 }
 
 /* In place, the first `rotated` heads of each token's [heads, head_dim] row of x (token stride `stride`):
    x * cos + roll(x, head_dim / 2) * sin, with cos, sin [tokens, head_dim] as model/rotary.py lays them out
-   (sin's first half negated). */
+   (sin's first half negated). head_dim <= 512. */
 void rotary(void *x, int64_t tokens, int64_t stride, int64_t rotated, int64_t head_dim, const void *cos,
             const void *sin, int bf16, int threads) {
   const int64_t half = head_dim / 2;
@@ -83,6 +152,16 @@ void rotary(void *x, int64_t tokens, int64_t stride, int64_t rotated, int64_t he
     for (int64_t h = 0; h < rotated; h++) {
       int64_t base = t * stride + h * head_dim;
       float row[512];
+      if (half % 16 == 0) {
+        for (int64_t i = 0; i < head_dim; i += 16) _mm512_storeu_ps(row + i, load16(x, base + i, bf16));
+        for (int64_t i = 0; i < head_dim; i += 16) {
+          __m512 c = load16(cos, t * head_dim + i, bf16), s = load16(sin, t * head_dim + i, bf16);
+          __m512 rolled = _mm512_loadu_ps(row + (i + half) % head_dim);
+          store16(x, base + i, _mm512_add_ps(round16(_mm512_mul_ps(_mm512_loadu_ps(row + i), c), bf16),
+                                             round16(_mm512_mul_ps(rolled, s), bf16)), bf16);
+        }
+        continue;
+      }
       for (int64_t i = 0; i < head_dim; i++) row[i] = load1(x, base + i, bf16);
       for (int64_t i = 0; i < head_dim; i++) {
         float c = load1(cos, t * head_dim + i, bf16), s = load1(sin, t * head_dim + i, bf16);
