@@ -206,6 +206,9 @@ def add_plan_parser(subcommands) -> None:
     p.add_argument("--tensor-parallel-size", type=int, help="ranks (default: the YAML's tensor_parallel_size)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the YAML's dtype")
     p.add_argument("--max-model-len", type=int, help="tokens of one sequence (default: the YAML's max_model_len)")
+    for flag, what in (("--quantization", "the decoder's linear projections"), ("--lm-head-quantization", "the LM head")):
+        p.add_argument(flag, choices=["none", "int8", "int4"],
+                       help=f"weight-only quantization of {what} (default: the YAML's; auto counts as none)")
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -219,6 +222,8 @@ def plan(args: argparse.Namespace) -> int:
             tensor_parallel_size=args.tensor_parallel_size,
             dtype=args.dtype,
             max_model_len=args.max_model_len,
+            quantization=args.quantization,
+            lm_head_quantization=args.lm_head_quantization,
         )
     except (ValueError, KeyError, OSError) as e:
         print(f"llamaserve: {e}", file=sys.stderr)

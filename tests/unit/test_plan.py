@@ -122,3 +122,44 @@ def test_cli_overrides_and_weights_that_do_not_fit(capsys):
     assert "2048-token sequences" in capsys.readouterr().out
     assert main(["plan", "--config", config, "--gpu-memory-gib", "80", "--tensor-parallel-size", "3"]) == 2
     assert "num_attention_heads (64)" in capsys.readouterr().err
+
+
+def test_quantized_weights_against_hand_arithmetic():
+    # 7B, int4 in groups of 32: per layer the projections hold 4096×12288 + 4096×4096 + 22016×4096 + 4096×11008
+    # = 202,375,168 params, at half a byte each (101,187,584) plus 4 bytes a group (25,296,896); 32 layers
+    # → 4,047,503,360. The float16 embedding and head 2 × 32000×4096×2 = 524,288,000, norms 65×4096×2 = 532,480.
+    plan = plan_deployment(CONFIGS / "llama-2-7b-chat.yaml", gpu_memory_gib=80, quantization="int4")
+    assert plan.weight_bytes == 4_047_503_360 + 524_288_000 + 532_480
+    assert plan.weight_params == 6_738_415_616  # the parameters are the same
+    # int8 head: 32000×4096 codes + 4 bytes a row replace the float16 head's 262,144,000 bytes
+    both = plan_deployment(CONFIGS / "llama-2-7b-chat.yaml", gpu_memory_gib=80, quantization="int4",
+                           lm_head_quantization="int8")
+    assert both.weight_bytes == plan.weight_bytes - 262_144_000 + 131_072_000 + 128_000
+    assert plan_deployment(CONFIGS / "llama-2-7b-chat.yaml", gpu_memory_gib=80, quantization="auto").weight_bytes \
+        == plan_deployment(CONFIGS / "llama-2-7b-chat.yaml", gpu_memory_gib=80).weight_bytes  # auto: an upper bound
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        plan_deployment(CONFIGS / "llama-2-7b-chat.yaml", gpu_memory_gib=80, quantization="int3")
+
+
+@pytest.mark.parametrize("quantization, lm_head", [("int8", "none"), ("int4", "int8"), ("none", "int4")])
+def test_a_quantized_model_holds_what_the_plan_says(tmp_path, quantization, lm_head):
+    """On llamaserve's CPU kernels, whose layouts hold exactly these bytes (shapes a multiple of 64 rows). Untied:
+    on the CPU a float head tied to the embedding gets a packed copy of its own, which a GPU does not make."""
+    from llamaserve.model.loader import load_model
+    from llamaserve.model.parallel import Linear
+    from tests.conftest import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    model = load_model(checkpoint, "bfloat16", quantization=quantization, lm_head_quantization=lm_head,
+                       cache_dir=tmp_path)
+    quantized = [m.quantized for m in model.modules() if isinstance(m, Linear) and m.quantized is not None]
+    if any(type(q).__name__ not in ("Int8KernelWeight", "Int4KernelWeight") for q in quantized):
+        pytest.skip("this machine cannot run llamaserve's CPU kernels")
+    held = sum(t.numel() * t.element_size() for q in quantized for t in vars(q).values() if isinstance(t, torch.Tensor))
+    held += sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                if "norm" in name or "embed" in name)
+    held += sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                if isinstance(m, Linear) and m.quantized is None)  # float projections (packed: the same bytes)
+    plan = plan_rank(model.arch, tensor_parallel_size=1, dtype="bfloat16", gpu_memory_gib=1,
+                     quantization=quantization, lm_head_quantization=lm_head)
+    assert held == plan.weight_bytes
