@@ -30,10 +30,12 @@ WORKLOADS = {
 
 
 class StubModel:
-    """Fixed logits for the sampled rows, no forward pass."""
+    """Fixed logits for the sampled rows, no forward pass: standard normal times `scale` (1: a flat distribution,
+    whose top-p nucleus spans most of the vocabulary; 4: peaked like a language model's, 97% of the probability
+    in the 256 most likely tokens)."""
 
-    def __init__(self, vocab: int, rows: int):
-        self.logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    def __init__(self, vocab: int, rows: int, scale: float = 1.0):
+        self.logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * scale
 
     def __call__(self, input_ids, positions, kv_caches, meta, **_):
         return self.logits[: meta.logits_indices.numel()]
@@ -45,11 +47,12 @@ def main():
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt-len", type=int, default=200)
+    parser.add_argument("--logit-scale", type=float, default=1.0, help="the stub's logits: N(0, 1) times this")
     args = parser.parse_args()
     core = EngineCore(EngineConfig.from_options(max_num_seqs=64, max_num_batched_tokens=16384,
                                                 max_model_len=4096, kv_cache_gib=1))
     vocab = core.runner.arch.vocab_size
-    core.runner.model = StubModel(vocab, 64)
+    core.runner.model = StubModel(vocab, 64, args.logit_scale)
     for name, params in WORKLOADS.items():
         for batch in map(int, args.batches.split(",")):
             for i in range(batch):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from llamaserve.model.sampler import Sampler, SamplingBatch, forbidden_tokens, process_logits
+from llamaserve.model.sampler import (CANDIDATES, Sampler, SamplingBatch, _sorted_top_k_top_p, forbidden_tokens,
+                                      process_logits, top_k_top_p)
 from llamaserve.sampling_params import SamplingParams
 
 VOCAB = 8
@@ -294,3 +295,31 @@ def test_a_seeded_constrained_row_draws_the_same_tokens_alone_and_in_a_batch():
     alone = run([mine], 0)
     assert set(alone) <= allowed and len(set(alone)) > 1
     assert run([SamplingParams(temperature=1.3), SamplingParams(top_k=3), mine], 2) == alone
+
+
+def test_the_cut_from_candidates_keeps_what_a_full_sort_keeps():
+    """Rows whose top k or nucleus lies among their most likely CANDIDATES, rows whose nucleus reaches past them (a
+    flat distribution: sorted in full), one in between, a top k wider than the candidates, and rows with neither."""
+    vocab = 20000
+    torch.manual_seed(3)
+    peaked, flat, between = torch.randn(vocab) * 4, torch.randn(vocab) * 0.01, torch.randn(vocab) * 2.5
+    rows = [(peaked, None, 0.9), (flat, None, 0.9), (peaked, 40, None), (flat, 1000, 0.5), (peaked, 3, 0.9),
+            (flat, None, None), (peaked, None, 0.99), (between, None, 0.9)]
+    assert between.softmax(-1).topk(CANDIDATES[0]).values.sum() < 0.9 < between.softmax(-1).topk(
+        CANDIDATES[1]).values.sum()
+    logits = torch.stack([r[0] for r in rows])
+    top_k = torch.tensor([[r[1] or vocab] for r in rows])
+    top_p = torch.tensor([[r[2] or math.inf] for r in rows])
+    assert flat.softmax(-1).topk(CANDIDATES[-1]).values.sum() < 0.9 < peaked.softmax(-1).topk(CANDIDATES[0]).values.sum()
+    for k in (top_k, None):
+        ours, theirs = top_k_top_p(logits.clone(), k, top_p), _sorted_top_k_top_p(logits.clone(), k, top_p)
+        kept, kept_by_sort = torch.isfinite(ours), torch.isfinite(theirs)
+        assert torch.equal(ours[kept], logits[kept])  # what survives is untouched
+        for row in range(len(rows)):
+            # The same most likely tokens, but for one where the mass crosses top_p within float32 rounding.
+            assert abs(kept[row].sum() - kept_by_sort[row].sum()) <= 1
+            assert (kept[row] & kept_by_sort[row]).sum() == min(kept[row].sum(), kept_by_sort[row].sum())
+        fuzzy = 6  # 0.99 of the peaked row is crossed within rounding (a token more here); the rest are clear of it
+        assert torch.equal(torch.cat([kept[:fuzzy], kept[fuzzy + 1:]]), torch.cat([kept_by_sort[:fuzzy],
+                                                                                   kept_by_sort[fuzzy + 1:]]))
+    assert kept_by_sort[5].all() and top_k_top_p(logits.clone(), top_k, top_p)[2].isfinite().sum() == 40
