@@ -323,3 +323,11 @@ def test_the_cut_from_candidates_keeps_what_a_full_sort_keeps():
         assert torch.equal(torch.cat([kept[:fuzzy], kept[fuzzy + 1:]]), torch.cat([kept_by_sort[:fuzzy],
                                                                                    kept_by_sort[fuzzy + 1:]]))
     assert kept_by_sort[5].all() and top_k_top_p(logits.clone(), top_k, top_p)[2].isfinite().sum() == 40
+
+
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    """6.7e-59 is 0 in float32: the nucleus must still hold the most likely token (a fuzzer's find: every token
+    masked, the draw ran past the vocabulary)."""
+    logits = torch.randn(4, 5000) * 3
+    params = [SamplingParams(temperature=0.7, top_p=6.7e-59)] * 4
+    assert torch.equal(sample(params, logits.clone(), vocab=5000).token_ids, logits.argmax(-1))

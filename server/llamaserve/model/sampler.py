@@ -136,7 +136,9 @@ class SamplingBatch:
         if any(p.top_k for p in sampled):
             fields["top_k"] = column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.int64)
         if any(p.top_p < 1 for p in sampled):
-            fields["top_p"] = column([p.top_p if p.top_p < 1 and not p.greedy else float("inf") for p in params])
+            # At least float32's smallest normal: a top_p that rounds to 0 would mask the top token too.
+            fields["top_p"] = column([max(p.top_p, torch.finfo(torch.float32).tiny) if p.top_p < 1 and not p.greedy
+                                      else float("inf") for p in params])
         if any(p.min_p > 0 for p in sampled):
             fields["min_p"] = column([p.min_p for p in params])
         if grammar_rows:
