@@ -17,13 +17,10 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 from llamaserve.model.loader import default_gguf_path
-from precision_release import HERE, serve, stop
+from precision_release import HERE, healthy, serve, stop
 
 OURS = ["--quantization", "auto", "--dtype", "bfloat16"]
 
@@ -32,17 +29,7 @@ def serve_llamacpp(binary: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen([str(binary), "-m", str(default_gguf_path()), "-np", "64", "-c", "65536", "-no-kvu", "-cb",
                                "-t", "2", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {server.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("llama-server did not start")
+    return healthy(server, port, "llama-server")
 
 
 def c1(port: int) -> tuple[float, float, float]:

@@ -38,17 +38,22 @@ def serve(tree: Path, flags: list[str], port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(tree / "server")}
     server = subprocess.Popen([sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(port),
                                "--log-level", "warning", *flags], env=env, cwd=tree, start_new_session=True)
-    deadline = time.monotonic() + 600
+    return healthy(server, port, f"server {flags} from {tree}")
+
+
+def healthy(server: subprocess.Popen, port: int, what: str, timeout: float = 600) -> subprocess.Popen:
+    """`server` once its /health answers 200; raises if it exits or does not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"server {flags} from {tree} exited with {server.returncode}")
+            raise RuntimeError(f"{what} exited with {server.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"server {flags} from {tree} did not start")
+    raise RuntimeError(f"{what} did not start")
 
 
 def stop(server: subprocess.Popen) -> None:

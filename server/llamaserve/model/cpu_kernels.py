@@ -1,7 +1,7 @@
 """llamaserve's own CPU kernels: C with AVX-512 intrinsics (csrc/), built by the system's C compiler on first use.
 
-Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source, the flags and the compiler's
-version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
+Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source (with the headers of csrc/), the
+flags and the compiler's version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
 next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
 torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
 instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm`, `paged_attention`, `layer_ops`,
@@ -53,7 +53,8 @@ def build(source: str, flags: list[str], cache_dir: Path, libs: tuple[str, ...] 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise KernelUnavailable("no C compiler (cc or gcc) on PATH")
-    text = (SOURCES / source).read_bytes()
+    # The headers every source may include (csrc/*.h) are part of its key: a changed header rebuilds.
+    text = b"".join(path.read_bytes() for path in [SOURCES / source, *sorted(SOURCES.glob("*.h"))])
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(text + repr((flags, libs)).encode() + version.encode()).hexdigest()[:16]
     library = cache_dir / "kernels" / key / (Path(source).stem + ".so")

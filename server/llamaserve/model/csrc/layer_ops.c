@@ -6,13 +6,15 @@
    bfloat16 rounds where torch's operators do: the sum, the normalised value (F.rms_norm's output), its
    product with the weight; SiLU's output, then its product with up; each of rotary's two products and their
    sum. Sixteen values at a time (a scalar tail where a row is not a multiple of 16): at 64 rows the scalar
-   loops took a tenth of a bfloat16 decode step, SiLU's expf most of it. exp is vectorised here (about 1 ulp
-   in float32, as Sleef's that torch uses). */
+   loops took a tenth of a bfloat16 decode step, SiLU's expf most of it. exp16 (vectors.h) is within 1 ulp in
+   float32, as Sleef's that torch uses. */
 
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "vectors.h"
 
 static inline float load1(const void *p, int64_t i, int bf16) {
   if (!bf16) return ((const float *)p)[i];
@@ -41,39 +43,9 @@ static inline void store1(void *p, int64_t i, float f, int bf16) {
   ((uint16_t *)p)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-static inline __m512 load16(const void *p, int64_t i, int bf16) {
-  if (!bf16) return _mm512_loadu_ps((const float *)p + i);
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
-}
-
 static inline __m512 round16(__m512 v, int bf16) { /* to the dtype's nearest (even) value, as round1 */
   if (!bf16) return v;
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
-static inline void store16(void *p, int64_t i, __m512 v, int bf16) {
-  if (bf16)
-    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
-  else
-    _mm512_storeu_ps((float *)p + i, v);
-}
-
-/* e^x: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by Cephes' degree-6 polynomial, times 2^n by vscalefps (which
-   overflows to inf and underflows to 0 as e^x does); x clamped below, where e^x is 0 in float32 anyway */
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 static inline float exp1(float x) { /* exp16's value, for the scalar tails */
