@@ -147,19 +147,6 @@ def test_int4_rows_do_not_depend_on_their_neighbours(int4):
             assert torch.equal(weight.matmul(torch.cat([others[:at], x, others[at:]]))[at], alone[0]), (m, at)
 
 
-def test_linear_quantizes_onto_the_int4_kernel(int4):
-    """Every shape torch's int4 CPU kernel takes (out % 16 == 0), this one takes too."""
-    torch.manual_seed(5)
-    ours, theirs = Linear(64, 96), Linear(64, 96)
-    ours.weight.data.normal_(0, 0.05)
-    theirs.weight.data = ours.weight.data.clone()
-    ours.quantize("int4", 32, cpu_kernels.CpuKernels(int4=int4))
-    theirs.quantize("int4", 32)
-    assert isinstance(ours.quantized, Int4KernelWeight) and isinstance(theirs.quantized, Int4Weight)
-    x = torch.randn(3, 64)
-    assert (ours(x) - theirs(x)).abs().max() < 0.02 * theirs(x).abs().max()  # bf16 scales: zero vs minimum
-
-
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory):
     return built_kernel(cpu_kernels.int8_gemm, tmp_path_factory.mktemp("cache"))
@@ -181,16 +168,23 @@ def test_int8_kernel_matches_its_dequantized_weight(int8, n, k):
     assert torch.equal(ours.matmul(torch.cat([torch.randn(4, k).bfloat16(), x[:1]]))[4], alone[0])  # batch invariant
 
 
-def test_linear_quantizes_onto_the_int8_kernel(int8):
-    torch.manual_seed(6)
+@pytest.mark.parametrize("kind, theirs_type, ours_type, tolerance", [
+    ("int4", Int4Weight, Int4KernelWeight, 0.02),  # bf16 scales: zero vs minimum
+    ("int8", Int8Weight, Int8KernelWeight, 0.01),
+])
+def test_linear_quantizes_onto_the_kernel(request, kind, theirs_type, ours_type, tolerance):
+    """A layer quantizes onto llamaserve's kernel where it is given, else torch's, and both agree (every shape
+    torch's int4 CPU kernel takes, out % 16 == 0, ours takes too)."""
+    torch.manual_seed(5)
     ours, theirs = Linear(64, 96), Linear(64, 96)
     ours.weight.data.normal_(0, 0.05)
     theirs.weight.data = ours.weight.data.clone()
-    ours.quantize("int8", 32, cpu_kernels.CpuKernels(int8=int8))
-    theirs.quantize("int8", 32)
-    assert isinstance(ours.quantized, Int8KernelWeight) and isinstance(theirs.quantized, Int8Weight)
+    kernel = request.getfixturevalue(kind)  # the int4 or int8 fixture
+    ours.quantize(kind, 32, cpu_kernels.CpuKernels(**{kind: kernel}))
+    theirs.quantize(kind, 32)
+    assert isinstance(ours.quantized, ours_type) and isinstance(theirs.quantized, theirs_type)
     x = torch.randn(3, 64)
-    assert (ours(x) - theirs(x)).abs().max() <= 0.01 * theirs(x).abs().max()
+    assert (ours(x) - theirs(x)).abs().max() <= tolerance * theirs(x).abs().max()
 
 
 @pytest.fixture(scope="module")
