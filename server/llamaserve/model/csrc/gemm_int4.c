@@ -10,13 +10,19 @@
    (128 + q) x over a group, S; with X = the group's sum of x, the group adds scale * (S - 128 X) + min * X.
    A block's scales and minimums: for each group g, `width` scales then `width` minimums, at
        params + n0 * (k / group) * 2 + g * 2 * width.
-   Both sums are float32 over bfloat16 inputs, in an order that does not depend on the other rows of x. */
+   Both sums are float32 over bfloat16 inputs, in an order that does not depend on the other rows of x.
+
+   Each tile prefetches its codes 4 KiB ahead and its scales 2 KiB ahead into L2 (past its block's end, into the
+   next block's, which the same thread reads next): at one row the compute keeps the core too busy for the
+   hardware prefetchers alone to keep enough reads in flight (a step's projections read 21 -> 24 GB/s here). */
 
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #define BLOCK 64
+#define CODES_AHEAD 4096 /* bytes */
+#define PARAMS_AHEAD 2048
 #define MR 3 /* rows per tile: MR x 4 group sums + MR x 4 totals + 4 codes + 1 broadcast + 2 <= 32 zmm */
 
 /* q [n, k] uint8 codes 0..15, scales and mins [n, k / group] float32 -> codes [blocks * 32 * k] (zeroed by
@@ -69,7 +75,11 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
     __m512 s[MR][4];
     for (int i = 0; i < rows; i++)
       for (int v = 0; v < nv; v++) s[i][v] = _mm512_setzero_ps();
+    const uint16_t *gp = params + g * 2 * width;
+    for (int line = 0; line < nv; line++) /* a group's 2 * width bfloat16 parameters: nv lines */
+      _mm_prefetch((const char *)gp + PARAMS_AHEAD + 64 * line, _MM_HINT_T1);
     for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p++) {
+      _mm_prefetch((const char *)codes + p * 64 + CODES_AHEAD, _MM_HINT_T1);
       __m512i lanes = _mm512_loadu_si512(codes + p * 64);
       __m512bh w[4];
       for (int v = 0; v < nv; v++) w[v] = decode(lanes, v);
@@ -80,7 +90,6 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
         for (int v = 0; v < nv; v++) s[i][v] = _mm512_dpbf16_ps(s[i][v], xi, w[v]);
       }
     }
-    const uint16_t *gp = params + g * 2 * width;
     for (int v = 0; v < nv; v++) {
       __m512 scale = bf16_to_ps(gp + v * 16), min = bf16_to_ps(gp + width + v * 16);
       for (int i = 0; i < rows; i++) {
