@@ -42,14 +42,19 @@ def test_the_default_model_scores_as_on_onednn(default_checkpoint, text_ids):  #
     assert mine.agreement(theirs) >= 0.95  # measured 0.978: two orders of bfloat16 rounding
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
-def test_decode_steps_in_one_call_match_the_layer_by_layer_path(tmp_path, quantization):
+@pytest.mark.parametrize("quantization, overrides", [
+    ("none", {}), ("int8", {}), ("int4", {}),
+    ("none", {"tie_word_embeddings": True}),
+    ("int4", {"vocab_size": 250}),  # an LM head off the kernels (250 % 16): the step ends at the final norm
+])
+def test_decode_steps_in_one_call_match_the_layer_by_layer_path(tmp_path, quantization, overrides):
     """cpu_kernels.DecoderLayers runs the kernels the layers call one by one: the same logits and cache, bitwise,
     for sequences of different contexts in one step; a step with a prefill chunk takes the layer-by-layer path."""
-    model = load_model(make_tiny_checkpoint(tmp_path / "tiny", max_position_embeddings=512, seed=3), "bfloat16",
-                       quantization=quantization, cache_dir=tmp_path)
+    model = load_model(make_tiny_checkpoint(tmp_path / "tiny", max_position_embeddings=512, seed=3, **overrides),
+                       "bfloat16", quantization=quantization, cache_dir=tmp_path)
     if model.decoder is None:
         pytest.skip("this machine cannot run llamaserve's CPU kernels")
+    assert (model.decoder.head is None) == ("vocab_size" in overrides)
     arch, block_size, contexts = model.arch, 16, [5, 40, 17, 100]
     torch.manual_seed(0)
     kv = [(k.normal_(), v.normal_()) for k, v in allocate_kv_cache(
@@ -70,11 +75,14 @@ def test_decode_steps_in_one_call_match_the_layer_by_layer_path(tmp_path, quanti
 
     (fused, fused_kv), (layered, layered_kv) = step(ids, positions, decode, True), step(ids, positions, decode, False)
     assert len(calls) == 1
+    assert fused.shape == (len(contexts), arch.vocab_size) and fused.dtype == torch.float32
     assert torch.equal(fused, layered)
     assert all(torch.equal(a, b) for pair in zip(fused_kv, layered_kv) for a, b in zip(*pair))
     mixed = AttentionMetadata.build([1, 3], [6, 3], tables[:2], block_size)
     step(torch.tensor([3, 5, 6, 7]), torch.tensor([5, 0, 1, 2]), mixed, True)
     assert len(calls) == 1  # the prefill chunk's step ran layer by layer
+    with pytest.raises(IndexError):  # as the embedding's lookup would, and nothing written
+        step(torch.tensor([3, 77, arch.vocab_size, 41]), positions, decode, True)
 
 
 def test_no_decoder_call_without_the_kernels(tmp_path):

@@ -1,8 +1,8 @@
 """llamaserve's own CPU kernels: C with AVX-512 intrinsics (csrc/), built by the system's C compiler on first use.
 
 Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source (with the headers of csrc/), the
-flags and the compiler's version, so a changed kernel or compiler builds again and a second process (another tensor-parallel rank, the
-next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
+flags and the compiler's version, so a changed kernel or compiler builds again and a second process (another
+tensor-parallel rank, the next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
 torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
 instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm`, `paged_attention`, `layer_ops`,
 `decoder_layers` and `lora_delta` return None, log why once, and the layers keep torch's kernels (oneDNN, torch's
@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -404,14 +405,27 @@ class _Model(ctypes.Structure):
     _fields_ = [("fn", _Kernels), ("layers", ctypes.POINTER(_Layer))] + \
         [(name, ctypes.c_int64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "inter",
                                              "block_size", "max_k")] + \
-        [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("embedding", ctypes.c_void_p), ("vocab", ctypes.c_int64),
+         ("final_norm", ctypes.c_void_p), ("head", _Linear)]
+
+
+@dataclass(frozen=True)
+class DecoderOperands:
+    """A model's weights for DecoderLayers: its embedding, layers, final norm and LM head."""
+
+    embedding: torch.Tensor  # [vocab, hidden] bfloat16
+    layers: list[DecoderLayerOperands]
+    final_norm: torch.Tensor  # [hidden] bfloat16
+    head: LinearOperands | None  # None: the LM head is not on these kernels
+    project: Callable[[torch.Tensor], torch.Tensor]  # the LM head module: [m, hidden] -> [m, vocab] logits
 
 
 class DecoderLayers:
-    """Every decoder layer of a decode-only step in one call (csrc/decoder.c): the kernels the layer-by-layer
-    path calls one by one from Python (the matmuls, norms, rotary, cache writes and decode attention above), in
-    the same order on the same values, so the result is bit-identical; at batch 1 their dispatch from Python
-    cost as much as the kernels themselves. `program` binds a model's weights once; its `run` is one call."""
+    """A decode-only step in one call (csrc/decoder.c): the embedding rows, then the kernels the layer-by-layer
+    path calls one by one from Python (the matmuls, norms, rotary, cache writes and decode attention above) in
+    the same order on the same values, then the final norm and the LM head, so the logits are bit-identical; at
+    batch 1 their dispatch from Python cost as much as the kernels themselves. `program` binds a model's
+    weights once; its `run` is one call."""
 
     KINDS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -419,20 +433,28 @@ class DecoderLayers:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.decoder_scratch_bytes.argtypes = [ptr, i64]
         lib.decoder_scratch_bytes.restype = ctypes.c_size_t
-        lib.decode_layers.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
-        lib.decode_layers.restype = None
+        lib.decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+        lib.decode_step.restype = ctypes.c_int
         self.lib = lib
 
-    def program(self, kernels: "CpuKernels", layers: list[DecoderLayerOperands], heads: int, kv_heads: int,
-                head_dim: int, eps: float) -> "DecoderProgram":
-        return DecoderProgram(self.lib, kernels, layers, heads, kv_heads, head_dim, eps)
+    def program(self, kernels: "CpuKernels", operands: DecoderOperands, heads: int, kv_heads: int, head_dim: int,
+                eps: float) -> "DecoderProgram":
+        return DecoderProgram(self.lib, kernels, operands, heads, kv_heads, head_dim, eps)
+
+
+def _linear(linear: LinearOperands | None) -> _Linear:
+    if linear is None:
+        return _Linear()
+    params = None if linear.params is None else linear.params.data_ptr()
+    return _Linear(DecoderLayers.KINDS[linear.kind], linear.weight.data_ptr(), params, *linear.shape,
+                   linear.group_size)
 
 
 class DecoderProgram:
-    """A model's decoder layers bound to DecoderLayers' call (the tensors in `layers` must outlive it)."""
+    """A model's weights bound to DecoderLayers' call (the tensors in `operands` must outlive it)."""
 
-    def __init__(self, lib: ctypes.CDLL, kernels: "CpuKernels", layers: list[DecoderLayerOperands], heads: int,
-                 kv_heads: int, head_dim: int, eps: float):
+    def __init__(self, lib: ctypes.CDLL, kernels: "CpuKernels", operands: DecoderOperands, heads: int, kv_heads: int,
+                 head_dim: int, eps: float):
         def address(kernel, name: str) -> int | None:
             return None if kernel is None else ctypes.cast(getattr(kernel.lib, name), ctypes.c_void_p).value
 
@@ -440,40 +462,43 @@ class DecoderProgram:
                       address(kernels.int4, "gemm_int4"), address(kernels.attention, "write_kv"),
                       address(kernels.attention, "decode_attention"), address(kernels.layer_ops, "add_rms_norm"),
                       address(kernels.layer_ops, "silu_mul"), address(kernels.layer_ops, "rotary"))
+        layers = operands.layers
         linears = [linear for layer in layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        for linear in linears:
+        for linear in linears + [operands.head] * (operands.head is not None):
             if getattr(fn, "gemm_" + linear.kind) is None:
                 raise KernelUnavailable(f"no {linear.kind} matmul kernel for a {linear.shape} layer")
         self.lib, self.layers = lib, (_Layer * len(layers))()
         for struct, layer in zip(self.layers, layers):
             struct.input_norm, struct.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()
             for name in ("qkv", "o", "gate_up", "down"):
-                linear = getattr(layer, name)
-                setattr(struct, name, _Linear(DecoderLayers.KINDS[linear.kind], linear.weight.data_ptr(),
-                                              None if linear.params is None else linear.params.data_ptr(),
-                                              *linear.shape, linear.group_size))
-        self.hidden = layers[0].input_norm.numel()
+                setattr(struct, name, _linear(getattr(layer, name)))
+        self.vocab, self.hidden = operands.embedding.shape
+        self.head, self.project = operands.head, operands.project
         self.model = _Model(fn, self.layers, len(layers), self.hidden, heads, kv_heads, head_dim,
                             layers[0].gate_up.shape[0] // 2, 0, max(linear.shape[1] for linear in linears), eps,
-                            head_dim**-0.5)
+                            head_dim**-0.5, operands.embedding.data_ptr(), self.vocab,
+                            operands.final_norm.data_ptr(), _linear(operands.head))
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def run(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slots: torch.Tensor, tables: torch.Tensor,
             seq_lens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """x [m, hidden] bfloat16, contiguous: the embeddings of m sequences' one new token each (token s of
-        sequence s: tokens = arange(m)), updated in place into the residual stream after the last layer;
-        returns the last layer's MLP output (delta), which the final norm adds. cos, sin [m, 1, head_dim]
-        from model/rotary.py; slots [m], tables [m, max_blocks], seq_lens [m] int64 as attention.py's."""
+        """The logits [m, vocab] float32 of m sequences' one new token each: ids [m] (token s of sequence s:
+        tokens = arange(m)); cos, sin [m, 1, head_dim] from model/rotary.py; slots [m], tables [m, max_blocks],
+        seq_lens [m] int64 as attention.py's. IndexError for an id outside the vocabulary, as the embedding's."""
         if self._caches is not kv_caches:
             self._bind(kv_caches)
-        m = x.shape[0]
-        delta = torch.empty_like(x)
+        m = ids.shape[0]
+        ids = ids.contiguous()
+        logits = torch.empty(m, self.vocab if self.head is not None else 0)
+        normed = torch.empty(m, self.hidden if self.head is None else 0, dtype=torch.bfloat16)
         scratch = torch.empty(self.lib.decoder_scratch_bytes(ctypes.byref(self.model), m), dtype=torch.uint8)
-        self.lib.decode_layers(ctypes.byref(self.model), x.data_ptr(), delta.data_ptr(), m, cos.data_ptr(),
-                               sin.data_ptr(), slots.data_ptr(), tokens.data_ptr(), tables.data_ptr(),
-                               tables.shape[1], seq_lens.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
-        return delta
+        if self.lib.decode_step(ctypes.byref(self.model), ids.data_ptr(), m, cos.data_ptr(), sin.data_ptr(),
+                                slots.data_ptr(), tokens.data_ptr(), tables.data_ptr(), tables.shape[1],
+                                seq_lens.data_ptr(), logits.data_ptr(), normed.data_ptr(), scratch.data_ptr(),
+                                torch.get_num_threads()):
+            raise IndexError(f"a token id outside the vocabulary of {self.vocab}")
+        return logits if self.head is not None else self.project(normed).float()
 
     def _bind(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The layers' K/V caches: the engine allocates them once, so this runs once."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import ModelArchitecture
 from .attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata, select_attention_backend
-from .cpu_kernels import Bf16Gemm, CpuKernels, DecoderLayerOperands, DecoderProgram, LayerOps
+from .cpu_kernels import Bf16Gemm, CpuKernels, DecoderLayerOperands, DecoderOperands, DecoderProgram, LayerOps
 from .parallel import ColumnParallelLinear, Linear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rotary import RotaryEmbedding, apply_rotary
 from .sharding import TensorParallel, heads_per_rank
@@ -143,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(arch)
         self.heads = heads_per_rank(arch, tp.size)  # (query heads, KV heads) on this rank
         self.cpu_attention_kernel = None  # a cpu_kernels.PagedAttention the loader gives on CPU, for "auto"
-        self.decoder: DecoderProgram | None = None  # every layer of a decode-only step in one call (CPU)
+        self.decoder: DecoderProgram | None = None  # a decode-only step in one call (CPU)
         self.set_attention_backend(attention_backend)
         self.lm_head = ParallelLMHead(arch.hidden_size, arch.vocab_size, tp)
         self.tie_weights()
@@ -185,40 +185,43 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor | None:  # [num_sampled, vocab_size] float32 in meta.logits_indices order; None off rank 0
         """`attention_plan`: the backend's plan for `meta`, made by the caller (a CUDA graph's, which serves
         every replay); None: planned here."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, meta.token_seq_lens, x.dtype)
-        backend = self.attention_for(x.device, x.dtype)
+        dtype = self.model.embed_tokens.weight.dtype
+        backend = self.attention_for(input_ids.device, dtype)
         plan = backend.plan(meta) if attention_plan is None else attention_plan
-        if self._decodes_in_one_call(backend, plan):
-            delta = self.decoder.run(x, cos, sin, kv_caches, meta.slot_mapping, plan.decode_tables, plan.decode_lens,
-                                     plan.decode_tokens)
-        else:
-            delta = None
-            for layer, kv_cache in zip(self.model.layers, kv_caches):
-                x, delta = layer(x, delta, cos, sin, kv_cache, meta, plan)
+        cos, sin = self.rotary(positions, meta.token_seq_lens, dtype)
         # Only the positions that will be sampled go through the final norm and the vocabulary projection.
         rows = meta.logits_indices
+        if self._decodes_in_one_call(backend, plan):  # every token sampled, one each
+            return self.decoder.run(input_ids, cos, sin, kv_caches, meta.slot_mapping, plan.decode_tables,
+                                    plan.decode_lens, plan.decode_tokens)
+        x, delta = self.model.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x, delta = layer(x, delta, cos, sin, kv_cache, meta, plan)
         logits = self.lm_head(self.model.norm(x[rows], delta[rows]))
         return None if logits is None else logits.float()
 
     def _decodes_in_one_call(self, backend: AttentionBackend, plan) -> bool:
-        """Whether this step's layers run through `decoder`: every token a decode on the CPU attention kernel,
-        and no adapters (LoRA stacks, once served, sit on every projection)."""
+        """Whether this step runs through `decoder`: every token a decode on the CPU attention kernel, and no
+        adapters (LoRA stacks, once served, sit on every projection)."""
         return (self.decoder is not None and backend.name == "cpu" and not plan.prefills
                 and self.model.layers[0].self_attn.qkv_proj.lora is None)
 
     def use_decoder_kernel(self, kernels: CpuKernels) -> None:
-        """Run decode-only steps' layers in one call of `kernels.decoder` where it can: every layer's weights on
+        """Run decode-only steps in one call of `kernels.decoder` where it can: every layer's weights on
         llamaserve's matmul kernels (so bfloat16 activations), its norms, rotary and attention kernels built,
-        and one rank (the layer-by-layer path all-reduces between them)."""
+        and one rank (the layer-by-layer path all-reduces between them). The LM head joins the call where it
+        is on those kernels too."""
         layers = [layer.kernel_operands() for layer in self.model.layers]
         one_rank = self.model.layers[0].mlp.down_proj.tp.size == 1
         if None in (kernels.decoder, kernels.attention, kernels.layer_ops) or None in layers or not one_rank:
             self.decoder = None
             return
-        self.decoder = kernels.decoder.program(kernels, layers, *self.heads, self.arch.head_dim,
+        operands = DecoderOperands(self.model.embed_tokens.weight, layers, self.model.norm.weight,
+                                   self.lm_head.kernel_operands(), self.lm_head)
+        self.decoder = kernels.decoder.program(kernels, operands, *self.heads, self.arch.head_dim,
                                                self.arch.rms_norm_eps)
-        log.info("decode steps: every layer in one call of llamaserve's CPU kernels")
+        log.info("decode steps: the embedding, every layer, the final norm%s in one call of llamaserve's CPU "
+                 "kernels", " and the LM head" if operands.head is not None else "")
 
     def use_layer_ops(self, ops: LayerOps | None) -> None:
         """Fuse every norm's residual add, every MLP's SiLU * up and every attention's rotary embedding through

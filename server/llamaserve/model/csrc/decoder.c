@@ -1,17 +1,20 @@
-/* Every decoder layer of a decode-only step in one call, through the other kernels of this directory.
+/* A decode-only step in one call, through the other kernels of this directory: the embedding rows, every
+   decoder layer, the final norm and the LM head.
 
    A batch-1 decode step of a small model is some 300 kernel calls (four matmuls, two norms, rotary, the cache
    write and attention per layer), each a few microseconds of work; made one by one from Python, each also
    costs its dispatch (wrapping tensors, allocating outputs, ctypes), and those costs added up to as much
-   again as the kernels. Here the layers run the same kernels, in the same order, on the same buffers a
-   layer at a time, so the step's result is bit-identical to the layer-by-layer path's; only the calls are
+   again as the kernels. Here the step runs the same kernels, in the same order, on the same buffers a
+   layer at a time, so its logits are bit-identical to the layer-by-layer path's; only the calls are
    made from C. The kernels come as function pointers from their own libraries (model/cpu_kernels.py
    passes their addresses): each stays in its own file, built with its own flags.
 
-   bfloat16 activations throughout; every linear projection is llamaserve's bf16, int8 or int4 kernel. */
+   bfloat16 activations throughout; every linear projection is llamaserve's bf16, int8 or int4 kernel, and so
+   is the LM head where it runs on one (else the step ends at the final norm, and the caller projects). */
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { BF16 = 0, INT8 = 1, INT4 = 2 };
 
@@ -64,6 +67,10 @@ struct model {
   const struct layer *layers;
   int64_t num_layers, hidden, heads, kv_heads, head_dim, inter, block_size, max_k; /* max_k: the largest k */
   float eps, scale; /* the norms' epsilon; attention's 1 / sqrt(head_dim), as the layer-by-layer path rounds it */
+  const uint16_t *embedding; /* [vocab, hidden] */
+  int64_t vocab;             /* the embedding's rows and the logits' columns */
+  const uint16_t *final_norm; /* [hidden] */
+  struct linear head;         /* [vocab (or more), hidden]; weight NULL: the caller's to apply */
 };
 
 static void linear(const struct kernels *fn, const struct linear *l, const uint16_t *x, uint16_t *y, int64_t m,
@@ -77,24 +84,31 @@ static void linear(const struct kernels *fn, const struct linear *l, const uint1
 
 static size_t aligned(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-/* Bytes of scratch decode_layers needs for m tokens. */
+/* Bytes of scratch decode_step needs for m tokens. */
 size_t decoder_scratch_bytes(const struct model *model, int64_t m) {
   const int64_t qkv = (model->heads + 2 * model->kv_heads) * model->head_dim;
-  return aligned(2 * m * model->hidden) * 2 + aligned(2 * m * qkv) + aligned(2 * m * model->heads * model->head_dim) +
-         aligned(2 * m * 2 * model->inter) + aligned(2 * m * model->inter) + aligned(4 * m * model->max_k);
+  return aligned(2 * m * model->hidden) * 4 + aligned(2 * m * qkv) + aligned(2 * m * model->heads * model->head_dim) +
+         aligned(2 * m * 2 * model->inter) + aligned(2 * m * model->inter) + aligned(4 * m * model->max_k) +
+         aligned(2 * m * model->head.n);
 }
 
-/* x [m, hidden], the residual stream (the embeddings), updated in place through every layer; delta [m, hidden]:
-   the last layer's MLP output, still to be added (as LlamaDecoderLayer.forward leaves them). m tokens, each
-   its sequence's one new token (tokens[s] = s for the m sequences), its rotary cos/sin [m, head_dim], cache
-   slot slots[t], blocks tables[t] ([m, max_blocks]) and seq_lens[t] tokens once written. */
-void decode_layers(const struct model *model, uint16_t *x, uint16_t *delta, int64_t m, const uint16_t *cos,
-                   const uint16_t *sin, const int64_t *slots, const int64_t *tokens, const int64_t *tables,
-                   int64_t max_blocks, const int64_t *seq_lens, void *scratch, int threads) {
+/* m tokens, each its sequence's one new token (tokens[s] = s for the m sequences): token ids[t], its rotary cos/sin
+   [m, head_dim], cache slot slots[t], blocks tables[t] ([m, max_blocks]) and seq_lens[t] tokens once written.
+   Writes logits [m, vocab] float32, or, without a head, the final norm's output to normed_out [m, hidden].
+   Returns 0, or -1 (nothing run) for an id outside the vocabulary. */
+int decode_step(const struct model *model, const int64_t *ids, int64_t m, const uint16_t *cos, const uint16_t *sin,
+                const int64_t *slots, const int64_t *tokens, const int64_t *tables, int64_t max_blocks,
+                const int64_t *seq_lens, float *logits, uint16_t *normed_out, void *scratch, int threads) {
   const struct kernels *fn = &model->fn;
   const int64_t hidden = model->hidden, heads = model->heads, kv_heads = model->kv_heads, dim = model->head_dim;
   const int64_t qkv_width = (heads + 2 * kv_heads) * dim;
+  for (int64_t t = 0; t < m; t++)
+    if (ids[t] < 0 || ids[t] >= model->vocab) return -1;
   char *next = scratch;
+  uint16_t *x = (uint16_t *)next; /* the residual stream */
+  next += aligned(2 * m * hidden);
+  uint16_t *delta = (uint16_t *)next; /* what the last block adds to it */
+  next += aligned(2 * m * hidden);
   uint16_t *normed = (uint16_t *)next;
   next += aligned(2 * m * hidden);
   uint16_t *h = (uint16_t *)next; /* the attention block's output */
@@ -108,7 +122,10 @@ void decode_layers(const struct model *model, uint16_t *x, uint16_t *delta, int6
   uint16_t *act = (uint16_t *)next;
   next += aligned(2 * m * model->inter);
   float *gemm_scratch = (float *)next;
+  next += aligned(4 * m * model->max_k);
+  uint16_t *head_out = (uint16_t *)next; /* [m, head.n] */
 
+  for (int64_t t = 0; t < m; t++) memcpy(x + t * hidden, model->embedding + ids[t] * hidden, 2 * hidden);
   for (int64_t i = 0; i < model->num_layers; i++) {
     const struct layer *layer = &model->layers[i];
     fn->add_rms_norm(x, i ? delta : NULL, layer->input_norm, normed, m, hidden, model->eps, 1, threads);
@@ -124,4 +141,16 @@ void decode_layers(const struct model *model, uint16_t *x, uint16_t *delta, int6
     fn->silu_mul(gate_up, act, m, model->inter, 1, threads);
     linear(fn, &layer->down, act, delta, m, gemm_scratch, threads);
   }
+  if (model->head.weight == NULL) {
+    fn->add_rms_norm(x, delta, model->final_norm, normed_out, m, hidden, model->eps, 1, threads);
+    return 0;
+  }
+  fn->add_rms_norm(x, delta, model->final_norm, normed, m, hidden, model->eps, 1, threads);
+  linear(fn, &model->head, normed, head_out, m, gemm_scratch, threads);
+  for (int64_t t = 0; t < m; t++)
+    for (int64_t j = 0; j < model->vocab; j++) {
+      uint32_t u = (uint32_t)head_out[t * model->head.n + j] << 16;
+      memcpy(logits + t * model->vocab + j, &u, 4);
+    }
+  return 0;
 }
