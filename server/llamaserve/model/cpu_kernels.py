@@ -32,6 +32,8 @@ SOURCES = Path(__file__).with_name("csrc")
 BF16_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC",
               "-shared"]
 BF16_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}  # as /proc/cpuinfo spells them
+INT8_FLAGS = BF16_FLAGS + ["-mavx512vnni"]
+INT8_CPU_FLAGS = BF16_CPU_FLAGS | {"avx512_vnni"}
 LORA_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 LORA_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
 
@@ -151,41 +153,52 @@ class Int4Gemm:
 
 class Int8Gemm:
     """y = (x @ q^T) * scales for int8 weights with a scale per output row, in this kernel's layout
-    (csrc/gemm_int8.c), bfloat16 activations: twice the speed of torch's `_weight_int8pack_mm` at one row."""
+    (csrc/gemm_int8.c), bfloat16 activations rounded to int16 in groups for VNNI's exact integer products:
+    twice the speed of torch's `_weight_int8pack_mm` at one row."""
 
     def __init__(self, lib: ctypes.CDLL):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.pack_int8.argtypes = [ptr, ptr, i64, i64]
+        lib.pack_int8.argtypes = lib.unpack_int8.argtypes = [ptr, ptr, i64, i64]
+        lib.int8_scratch_bytes.argtypes = [i64, i64]
+        lib.int8_scratch_bytes.restype = i64
         lib.gemm_int8.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-        lib.pack_int8.restype = lib.gemm_int8.restype = None
+        lib.pack_int8.restype = lib.unpack_int8.restype = lib.gemm_int8.restype = None
         self.lib = lib
 
     @staticmethod
     def supports(shape: tuple[int, int]) -> bool:
         return shape[0] % 16 == 0
 
-    def pack(self, q: torch.Tensor) -> torch.Tensor:  # [out, in] int8 -> the same codes in the kernel's layout
+    def pack(self, q: torch.Tensor) -> torch.Tensor:  # [out, in] int8 -> codes [out * in rounded up to even]
         q = q.contiguous()
-        codes = torch.empty_like(q)
-        self.lib.pack_int8(q.data_ptr(), codes.data_ptr(), *q.shape)
+        n, k = q.shape
+        codes = torch.empty(n * (k + k % 2), dtype=torch.int8)
+        self.lib.pack_int8(q.data_ptr(), codes.data_ptr(), n, k)
         return codes
 
-    def matmul(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def unpack(self, codes: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # the inverse of `pack`
+        q = torch.empty(shape, dtype=torch.int8)
+        self.lib.unpack_int8(codes.data_ptr(), q.data_ptr(), *shape)
+        return q
+
+    def matmul(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+               shape: tuple[int, int]) -> torch.Tensor:
         """x [m, in] -> [m, out] bfloat16; scales [out] float32."""
         if x.dtype != torch.bfloat16 or x.stride(-1) != 1:
             x = x.to(torch.bfloat16).contiguous()
-        (n, k), m = codes.shape, x.shape[0]
+        (n, k), m = shape, x.shape[0]
         y = torch.empty(m, n, dtype=torch.bfloat16)
-        widened = torch.empty(m, k)  # x in float32
+        rounded = torch.empty(-(-self.lib.int8_scratch_bytes(m, k) // 4), dtype=torch.int32)  # x in int16, in groups
         self.lib.gemm_int8(x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                           widened.data_ptr(), m, n, k, torch.get_num_threads())
+                           rounded.data_ptr(), m, n, k, torch.get_num_threads())
         return y
 
 
 @functools.cache
 def int8_gemm(cache_dir: Path) -> Int8Gemm | None:
     """The int8 matmul kernel, built on first use; None (logged once) where it cannot run here."""
-    return _load(Int8Gemm, "gemm_int8.c", "int8 layers", cache_dir)
+    return _load(Int8Gemm, "gemm_int8.c", "int8 layers", cache_dir, cpu=INT8_CPU_FLAGS, flags=INT8_FLAGS,
+                 libs=("-lm",))
 
 
 class PagedAttention:

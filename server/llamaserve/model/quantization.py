@@ -160,18 +160,14 @@ class Int8KernelWeight:
 
     def __init__(self, gemm: Int8Gemm, weight: Int8Weight):
         self.gemm, self.shape = gemm, weight.shape
-        self.codes = gemm.pack(weight.q)  # [out, in] int8, blocks of 64 rows stored input-major
+        self.codes = gemm.pack(weight.q)  # int8, blocks of 64 rows stored by input pair
         self.scales = weight.scales.float()  # [out]: the rounded scales Int8Weight's kernel uses
 
     def dequantize(self) -> torch.Tensor:  # [out, in] float32, as the kernel sees the weight
-        out_features, in_features = self.shape
-        flat = self.codes.view(-1)
-        rows = [flat[n0 * in_features : (n0 + min(64, out_features - n0)) * in_features].view(in_features, -1).T
-                for n0 in range(0, out_features, 64)]
-        return torch.cat(rows).float() * self.scales.unsqueeze(1)
+        return self.gemm.unpack(self.codes, self.shape).float() * self.scales.unsqueeze(1)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out]
-        y = self.gemm.matmul(x, self.codes, self.scales)
+        y = self.gemm.matmul(x, self.codes, self.scales, self.shape)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -21,7 +21,7 @@ enum { BF16 = 0, INT8 = 1, INT4 = 2 };
 typedef void (*gemm_bf16_fn)(const uint16_t *x, int64_t ldx, const uint16_t *packed, uint16_t *y, int64_t m,
                              int64_t n, int64_t k, int threads);
 typedef void (*gemm_int8_fn)(const uint16_t *x, int64_t ldx, const int8_t *codes, const float *scales, uint16_t *y,
-                             float *xf, int64_t m, int64_t n, int64_t k, int threads);
+                             void *scratch, int64_t m, int64_t n, int64_t k, int threads);
 typedef void (*gemm_int4_fn)(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *params,
                              uint16_t *y, float *xsum, int64_t m, int64_t n, int64_t k, int64_t group, int threads);
 typedef void (*write_kv_fn)(const void *k, int64_t k_stride, const void *v, int64_t v_stride, const int64_t *slots,

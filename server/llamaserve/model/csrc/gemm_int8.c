@@ -1,80 +1,135 @@
 /* y = (x @ q^T) * scale for int8 weights with one float32 scale per output row (symmetric, q in -127..127),
-   bfloat16 activations and output, float32 sums; AVX-512.
+   bfloat16 activations and output; AVX-512 VNNI.
 
-   Blocks of 64 output columns as in gemm_bf16.c (the last may be 16, 32 or 48 wide): for each input i, the
-   block's `width` codes in column order, at codes + n0 * k + i * width. A zmm holds 16 columns' products of
-   one input: the codes widen to float32 (exact) and x[i], widened once per call, is broadcast, so the sums
-   are float32 in input order, whatever the other rows of x. A tile prefetches its codes 4 KiB ahead into L2
-   (as gemm_int4.c does: at one row the widening keeps the core too busy for the hardware prefetchers alone). */
+   x is rounded to int16 per row in groups of GROUP inputs, xq = round(x / s) with s = max |x| / 32767 (finer than
+   bfloat16's 8 bits for every value within 1/128 of its group's largest), and vpdpwssd multiplies codes and xq
+   pairs exactly into int32 sums, 32 products an instruction (widening each code to float32 for an FMA made 16,
+   and three instructions a product). A group's sums turn float32 times its s; the row scale comes last.
+
+   Blocks of 64 output columns as in gemm_bf16.c (the last may be 16, 32 or 48 wide), each input pair p (k padded
+   to even with a zero code) holding, for each column c of the block, its codes for inputs 2p and 2p + 1:
+       codes + n0 * kp + p * 2 * width + 2 * c + {0, 1}
+   so 32 bytes sign-extend to one vpdpwssd operand of 16 columns. A tile prefetches its codes 4 KiB ahead into
+   L2: at one row the hardware prefetchers alone leave the core short of reads in flight. Every row is
+   rounded and summed alone, so its result does not depend on the other rows of x. */
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define BLOCK 64
+#define GROUP 128 /* inputs per int16 scale: 64 pairs of products of at most 32767 * 127 stay inside int32 */
 #define AHEAD 4096 /* bytes */
-#define MR 6 /* rows per tile: MR x 4 sums + 4 codes + 1 broadcast <= 32 zmm */
+#define MR 3 /* rows per tile: MR x 4 int32 sums + MR x 4 float32 totals + 4 codes + 1 broadcast <= 32 zmm */
 
-/* q [n, k] int8 row-major -> codes [n * k] in the kernel's layout */
+/* q [n, k] int8 row-major -> codes [n * (k rounded up to even)] in the kernel's layout */
 void pack_int8(const int8_t *q, int8_t *codes, int64_t n, int64_t k) {
+  const int64_t kp = (k + 1) / 2 * 2;
   for (int64_t n0 = 0; n0 < n; n0 += BLOCK) {
     int64_t width = n - n0 < BLOCK ? n - n0 : BLOCK;
-    for (int64_t i = 0; i < k; i++)
-      for (int64_t c = 0; c < width; c++) codes[n0 * k + i * width + c] = q[(n0 + c) * k + i];
+    for (int64_t i = 0; i < kp; i++)
+      for (int64_t c = 0; c < width; c++)
+        codes[n0 * kp + i / 2 * 2 * width + 2 * c + i % 2] = i < k ? q[(n0 + c) * k + i] : 0;
   }
 }
 
-static inline __attribute__((always_inline)) void tile(const float *x, int64_t k, const int8_t *block,
-                                                       const float *scales, uint16_t *y, int64_t ldy, const int rows,
-                                                       const int nv) {
-  __m512 sum[MR][4];
+/* the inverse of pack_int8 */
+void unpack_int8(const int8_t *codes, int8_t *q, int64_t n, int64_t k) {
+  const int64_t kp = (k + 1) / 2 * 2;
+  for (int64_t n0 = 0; n0 < n; n0 += BLOCK) {
+    int64_t width = n - n0 < BLOCK ? n - n0 : BLOCK;
+    for (int64_t i = 0; i < k; i++)
+      for (int64_t c = 0; c < width; c++) q[(n0 + c) * k + i] = codes[n0 * kp + i / 2 * 2 * width + 2 * c + i % 2];
+  }
+}
+
+static inline float bf16_to_float(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* row x [k] bfloat16 -> xq [kp] int16 (the pad 0) and s [groups] */
+static void round_row(const uint16_t *x, int64_t k, int64_t kp, int16_t *xq, float *s) {
+  for (int64_t g0 = 0; g0 < kp; g0 += GROUP) {
+    const int64_t end = g0 + GROUP < k ? g0 + GROUP : k;
+    float top = 0;
+    for (int64_t i = g0; i < end; i++) top = fmaxf(top, fabsf(bf16_to_float(x[i])));
+    const float inv = top > 0 ? 32767.0f / top : 0;
+    for (int64_t i = g0; i < end; i++) xq[i] = (int16_t)lrintf(bf16_to_float(x[i]) * inv);
+    for (int64_t i = end; i < g0 + GROUP && i < kp; i++) xq[i] = 0;
+    s[g0 / GROUP] = top / 32767.0f;
+  }
+}
+
+static inline __attribute__((always_inline)) void tile(const int16_t *xq, int64_t kp, const float *xs,
+                                                       const int8_t *block, const float *scales, uint16_t *y,
+                                                       int64_t ldy, const int rows, const int nv) {
+  const int64_t groups = (kp + GROUP - 1) / GROUP;
+  __m512 total[MR][4];
   for (int r = 0; r < rows; r++)
-    for (int v = 0; v < nv; v++) sum[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < nv; v++) total[r][v] = _mm512_setzero_ps();
   const int width = nv * 16;
-  for (int64_t i = 0; i < k; i++) {
-    _mm_prefetch((const char *)(block + i * width) + AHEAD, _MM_HINT_T1);
-    __m512 w[4];
-    for (int v = 0; v < nv; v++)
-      w[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + i * width + v * 16))));
+  for (int64_t g = 0; g < groups; g++) {
+    __m512i sum[MR][4];
+    for (int r = 0; r < rows; r++)
+      for (int v = 0; v < nv; v++) sum[r][v] = _mm512_setzero_si512();
+    const int64_t end = (g + 1) * GROUP / 2 < kp / 2 ? (g + 1) * GROUP / 2 : kp / 2;
+    for (int64_t p = g * GROUP / 2; p < end; p++) {
+      const int8_t *pair = block + p * 2 * width;
+      _mm_prefetch((const char *)pair + AHEAD, _MM_HINT_T1);
+      __m512i w[4];
+      for (int v = 0; v < nv; v++) w[v] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(pair + 32 * v)));
+      for (int r = 0; r < rows; r++) {
+        int32_t two;
+        memcpy(&two, xq + r * kp + 2 * p, sizeof two);
+        const __m512i xi = _mm512_set1_epi32(two);
+        for (int v = 0; v < nv; v++) sum[r][v] = _mm512_dpwssd_epi32(sum[r][v], w[v], xi);
+      }
+    }
     for (int r = 0; r < rows; r++) {
-      __m512 xi = _mm512_set1_ps(x[r * k + i]);
-      for (int v = 0; v < nv; v++) sum[r][v] = _mm512_fmadd_ps(xi, w[v], sum[r][v]);
+      const __m512 s = _mm512_set1_ps(xs[r * groups + g]);
+      for (int v = 0; v < nv; v++) total[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][v]), s, total[r][v]);
     }
   }
   for (int v = 0; v < nv; v++) {
     __m512 scale = _mm512_loadu_ps(scales + v * 16);
     for (int r = 0; r < rows; r++)
       _mm256_storeu_si256((__m256i *)(y + r * ldy + v * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sum[r][v], scale)));
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(total[r][v], scale)));
   }
 }
 
-#define TILE(R, NV) tile(xf + m0 * k, k, block, scales + n0, y + m0 * n + n0, n, R, NV)
+#define TILE(R, NV) tile(xq + m0 * kp, kp, xs + m0 * groups, block, scales + n0, y + m0 * n + n0, n, R, NV)
 #define ROWS(NV)                \
   switch (rows) {               \
     case 1: TILE(1, NV); break; \
     case 2: TILE(2, NV); break; \
-    case 3: TILE(3, NV); break; \
-    case 4: TILE(4, NV); break; \
-    case 5: TILE(5, NV); break; \
-    default: TILE(6, NV); break; \
+    default: TILE(3, NV); break; \
   }
 
-/* y [m, n] (contiguous) = x [m, k] (row stride ldx) @ (q * scales)^T, q packed by pack_int8; xf [m, k] float32
-   scratch; n % 16 == 0 (the caller checks) */
-void gemm_int8(const uint16_t *x, int64_t ldx, const int8_t *codes, const float *scales, uint16_t *y, float *xf,
+/* Bytes of scratch gemm_int8 needs for m rows of k inputs. */
+int64_t int8_scratch_bytes(int64_t m, int64_t k) {
+  const int64_t kp = (k + 1) / 2 * 2;
+  return m * kp * 2 + m * ((kp + GROUP - 1) / GROUP) * 4;
+}
+
+/* y [m, n] (contiguous) = x [m, k] (row stride ldx) @ (q * scales)^T, q packed by pack_int8; scratch: the
+   int8_scratch_bytes(m, k) bytes x's rounding takes, 4-byte aligned; n % 16 == 0 (the caller checks) */
+void gemm_int8(const uint16_t *x, int64_t ldx, const int8_t *codes, const float *scales, uint16_t *y, void *scratch,
                int64_t m, int64_t n, int64_t k, int threads) {
-  for (int64_t r = 0; r < m; r++)
-    for (int64_t i = 0; i < k; i++) {
-      uint32_t u = (uint32_t)x[r * ldx + i] << 16;
-      memcpy(xf + r * k + i, &u, 4);
-    }
-  int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  const int64_t kp = (k + 1) / 2 * 2, groups = (kp + GROUP - 1) / GROUP, blocks = (n + BLOCK - 1) / BLOCK;
+  float *xs = scratch;
+  int16_t *xq = (int16_t *)(xs + m * groups);
+#pragma omp parallel for schedule(static) num_threads(threads) if (m > 8)
+  for (int64_t r = 0; r < m; r++) round_row(x + r * ldx, k, kp, xq + r * kp, xs + r * groups);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t b = 0; b < blocks; b++) {
     int64_t n0 = b * BLOCK;
     int nv = (int)((n - n0 < BLOCK ? n - n0 : BLOCK) / 16);
-    const int8_t *block = codes + n0 * k;
+    const int8_t *block = codes + n0 * kp;
     for (int64_t m0 = 0; m0 < m; m0 += MR) {
       int rows = (int)(m - m0 < MR ? m - m0 : MR);
       switch (nv) {
