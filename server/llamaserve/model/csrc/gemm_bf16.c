@@ -11,7 +11,8 @@
    products into each column's float32 sum. A tile is up to MR rows of x by one block's columns, all its
    sums in registers; a block's weights are read once from memory for all of x's rows (from cache after
    the first tile). Every output element sums its products in the same order whatever M is, so a row's
-   result never depends on the rows beside it.
+   result never depends on the rows beside it. Loads are prefetched 4 KiB ahead into L2 (as in gemm_int4.c):
+   the hardware prefetchers alone left the batch-1 bfloat16 step 9% slower.
 
    Parallel over blocks with OpenMP: the library links libgomp.so.1, which the dynamic loader resolves
    to the copy torch has loaded, so these loops run on torch's own thread pool. */
@@ -20,8 +21,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#define BLOCK 64 /* output columns per packed block */
-#define MR 6     /* rows of x per tile: MR x 4 accumulators + 4 weight registers + 1 broadcast <= 32 zmm */
+#define BLOCK 64   /* output columns per packed block */
+#define AHEAD 4096 /* bytes of the block stream a tile prefetches into L2 ahead of its loads */
+#define MR 6       /* rows of x per tile: MR x 4 accumulators + 4 weight registers + 1 broadcast <= 32 zmm */
 
 void pack_bf16(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
   for (int64_t n0 = 0; n0 < n; n0 += BLOCK) {
@@ -54,6 +56,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
   const int width = nv * 16;
   for (int64_t p = 0; p < k / 2; p++) {
     __m512bh w[4];
+    for (int v = 0; v < nv; v++) _mm_prefetch((const char *)(block + (p * width + v * 16) * 2) + AHEAD, _MM_HINT_T1);
     for (int v = 0; v < nv; v++) w[v] = (__m512bh)_mm512_loadu_si512(block + (p * width + v * 16) * 2);
     for (int i = 0; i < rows; i++) {
       int32_t pair;
