@@ -400,8 +400,9 @@ class DecoderLayerOperands:
 
 
 class _Kernels(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("gemm_bf16", "gemm_int8", "gemm_int4", "write_kv",
-                                                      "decode_attention", "add_rms_norm", "silu_mul", "rotary")]
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "gemm_bf16", "int8_prepare", "gemm_int8", "int4_prepare", "gemm_int4", "write_kv", "attention_item",
+        "add_rms_norm", "silu_mul", "rotary")]
 
 
 class _Linear(ctypes.Structure):
@@ -471,9 +472,10 @@ class DecoderProgram:
         def address(kernel, name: str) -> int | None:
             return None if kernel is None else ctypes.cast(getattr(kernel.lib, name), ctypes.c_void_p).value
 
-        fn = _Kernels(address(kernels.bf16, "gemm_bf16"), address(kernels.int8, "gemm_int8"),
-                      address(kernels.int4, "gemm_int4"), address(kernels.attention, "write_kv"),
-                      address(kernels.attention, "decode_attention"), address(kernels.layer_ops, "add_rms_norm"),
+        fn = _Kernels(address(kernels.bf16, "gemm_bf16_blocks"), address(kernels.int8, "int8_prepare"),
+                      address(kernels.int8, "gemm_int8_blocks"), address(kernels.int4, "int4_prepare"),
+                      address(kernels.int4, "gemm_int4_blocks"), address(kernels.attention, "write_kv"),
+                      address(kernels.attention, "decode_attention_item"), address(kernels.layer_ops, "add_rms_norm"),
                       address(kernels.layer_ops, "silu_mul"), address(kernels.layer_ops, "rotary"))
         layers = operands.layers
         linears = [linear for layer in layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
@@ -524,8 +526,8 @@ class DecoderProgram:
 @functools.cache
 def decoder_layers(cache_dir: Path) -> DecoderLayers | None:
     """The one-call decoder, built on first use; None (logged once) where it cannot run here."""
-    return _load(DecoderLayers, "decoder.c", "decode steps", cache_dir, flags=["-O2", "-fPIC", "-shared"],
-                 fallback="a call per kernel from Python")
+    return _load(DecoderLayers, "decoder.c", "decode steps", cache_dir,
+                 flags=["-O2", "-fopenmp", "-fPIC", "-shared"], fallback="a call per kernel from Python")
 
 
 @dataclass(frozen=True)

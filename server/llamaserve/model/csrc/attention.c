@@ -160,85 +160,95 @@ static inline void prefetch_rows(const char *cache, const int64_t *rows, int64_t
     for (int t = 0; t < 16; t++) _mm_prefetch(cache + rows[t] + b, _MM_HINT_T1);
 }
 
-/* out[tokens[s]] = attention of sequence s's one query token over its seq_lens[s] cached tokens */
+/* Work item `item` of decode_attention (below): sequence item / num_kv_heads's query heads of KV head
+   item % num_kv_heads. One thread. */
+void decode_attention_item(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                           const int64_t *tokens, const int64_t *block_tables, int64_t max_blocks,
+                           const int64_t *seq_lens, void *out, int64_t block_size, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, float scale, int bf16, int64_t item) {
+  const int64_t group = num_heads / num_kv_heads, slices = head_dim / 16, elem = bf16 ? 2 : 4;
+  const int64_t row_bytes = num_kv_heads * head_dim * elem, head_bytes = head_dim * elem;
+  const char *k = k_cache, *v = v_cache;
+  const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads, len = seq_lens[s];
+  const int64_t *table = block_tables + s * max_blocks;
+  const int64_t q_at = tokens[s] * q_stride + kvh * group * head_dim;
+  const int64_t out_at = tokens[s] * num_heads * head_dim + kvh * group * head_dim;
+  float q_scaled[MAX_GROUP][MAX_HEAD_DIM]; /* float32's queries times scale (bfloat16 scales the scores) */
+  if (!bf16)
+    for (int64_t j = 0; j < group; j++)
+      for (int64_t d = 0; d < head_dim; d += 16)
+        _mm512_storeu_ps(&q_scaled[j][d],
+                         _mm512_mul_ps(load16(q, q_at + j * head_dim + d, 0), _mm512_set1_ps(scale)));
+  float max[MAX_GROUP], probs[MAX_GROUP][CHUNK]; /* probs: the chunk's scores, then their exps */
+  __m512 sum[MAX_GROUP], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+  for (int64_t j = 0; j < group; j++) {
+    max[j] = -INFINITY;
+    sum[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < slices; c++) acc[j][c] = _mm512_setzero_ps();
+  }
+  for (int64_t start = 0; start < len; start += CHUNK) {
+    const int64_t n = len - start < CHUNK ? len - start : CHUNK, tiles = (n + 15) / 16;
+    int64_t rows[CHUNK]; /* each token's byte offset in the caches; past n, token len - 1's */
+    for (int64_t t = 0; t < n;) { /* a block's tokens at a time */
+      const int64_t offset = (start + t) % block_size, in_block = block_size - offset;
+      const int64_t at = (table[(start + t) / block_size] * block_size + offset) * row_bytes + kvh * head_bytes;
+      for (int64_t i = 0, end = t + in_block < n ? t + in_block : n; t < end; t++, i++) rows[t] = at + i * row_bytes;
+    }
+    for (int64_t t = n; t < tiles * 16; t++) rows[t] = rows[n - 1];
+    for (int64_t i = 0; i < 2 && i < tiles; i++) prefetch_rows(k, rows + 16 * i, head_bytes);
+    __m512 chunk_max[MAX_GROUP];
+    for (int64_t j = 0; j < group; j++) chunk_max[j] = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < tiles; i++) {
+      if (i + 2 < tiles) prefetch_rows(k, rows + 16 * (i + 2), head_bytes);
+      prefetch_rows(v, rows + 16 * i, head_bytes); /* for the values' pass after this one */
+      const __mmask16 valid = n - 16 * i >= 16 ? 0xffff : (1u << (n - 16 * i)) - 1;
+      for (int64_t j = 0; j < group; j++) {
+        __m512 score = bf16 ? _mm512_mul_ps(scores_bf16((const uint16_t *)q + q_at + j * head_dim, k,
+                                                        rows + 16 * i, head_dim),
+                                            _mm512_set1_ps(scale))
+                            : scores_f32(q_scaled[j], k, rows + 16 * i, head_dim);
+        score = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, score);
+        _mm512_storeu_ps(&probs[j][16 * i], score);
+        chunk_max[j] = _mm512_max_ps(chunk_max[j], score);
+      }
+    }
+    for (int64_t j = 0; j < group; j++) {
+      const float top = _mm512_reduce_max_ps(chunk_max[j]);
+      if (top > max[j]) { /* what was summed so far, scaled by e^(old max - new max) */
+        const __m512 rescale = exp16(_mm512_set1_ps(max[j] - top));
+        sum[j] = _mm512_mul_ps(sum[j], rescale);
+        for (int64_t c = 0; c < slices; c++) acc[j][c] = _mm512_mul_ps(acc[j][c], rescale);
+        max[j] = top;
+      }
+      for (int64_t i = 0; i < tiles; i++) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(&probs[j][16 * i]), _mm512_set1_ps(max[j])));
+        _mm512_storeu_ps(&probs[j][16 * i], p);
+        sum[j] = _mm512_add_ps(sum[j], p);
+      }
+    }
+    for (int64_t i = 0; i < tiles; i++) weigh_values(acc, probs, 16 * i, v, rows, slices, bf16, (int)group);
+  }
+  const __m512i evens = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(8));
+  for (int64_t j = 0; j < group; j++) {
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[j]));
+    for (int64_t c = 0; c < slices; c++) {
+      __m512 x = acc[j][c];
+      if (bf16 && c < (slices & ~1)) /* a pair's even and odd dims (weigh_slices) */
+        x = _mm512_permutex2var_ps(acc[j][c & ~1], c & 1 ? odds : evens, acc[j][c | 1]);
+      store16(out, out_at + j * head_dim + c * 16, _mm512_mul_ps(x, inv), bf16);
+    }
+  }
+}
+
+/* out[tokens[s]] = attention of sequence s's one query token over its seq_lens[s] cached tokens, for the
+   num_seqs sequences, num_seqs * num_kv_heads work items shared among `threads` */
 void decode_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                       const int64_t *tokens, const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens,
                       int64_t num_seqs, void *out, int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim, float scale, int bf16, int threads) {
-  const int64_t group = num_heads / num_kv_heads, slices = head_dim / 16, elem = bf16 ? 2 : 4;
-  const int64_t row_bytes = num_kv_heads * head_dim * elem, head_bytes = head_dim * elem;
-  const char *k = k_cache, *v = v_cache;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t item = 0; item < num_seqs * num_kv_heads; item++) {
-    const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads, len = seq_lens[s];
-    const int64_t *table = block_tables + s * max_blocks;
-    const int64_t q_at = tokens[s] * q_stride + kvh * group * head_dim;
-    const int64_t out_at = tokens[s] * num_heads * head_dim + kvh * group * head_dim;
-    float q_scaled[MAX_GROUP][MAX_HEAD_DIM]; /* float32's queries times scale (bfloat16 scales the scores) */
-    if (!bf16)
-      for (int64_t j = 0; j < group; j++)
-        for (int64_t d = 0; d < head_dim; d += 16)
-          _mm512_storeu_ps(&q_scaled[j][d],
-                           _mm512_mul_ps(load16(q, q_at + j * head_dim + d, 0), _mm512_set1_ps(scale)));
-    float max[MAX_GROUP], probs[MAX_GROUP][CHUNK]; /* probs: the chunk's scores, then their exps */
-    __m512 sum[MAX_GROUP], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
-    for (int64_t j = 0; j < group; j++) {
-      max[j] = -INFINITY;
-      sum[j] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < slices; c++) acc[j][c] = _mm512_setzero_ps();
-    }
-    for (int64_t start = 0; start < len; start += CHUNK) {
-      const int64_t n = len - start < CHUNK ? len - start : CHUNK, tiles = (n + 15) / 16;
-      int64_t rows[CHUNK]; /* each token's byte offset in the caches; past n, token len - 1's */
-      for (int64_t t = 0; t < n;) { /* a block's tokens at a time */
-        const int64_t offset = (start + t) % block_size, in_block = block_size - offset;
-        const int64_t at = (table[(start + t) / block_size] * block_size + offset) * row_bytes + kvh * head_bytes;
-        for (int64_t i = 0, end = t + in_block < n ? t + in_block : n; t < end; t++, i++) rows[t] = at + i * row_bytes;
-      }
-      for (int64_t t = n; t < tiles * 16; t++) rows[t] = rows[n - 1];
-      for (int64_t i = 0; i < 2 && i < tiles; i++) prefetch_rows(k, rows + 16 * i, head_bytes);
-      __m512 chunk_max[MAX_GROUP];
-      for (int64_t j = 0; j < group; j++) chunk_max[j] = _mm512_set1_ps(-INFINITY);
-      for (int64_t i = 0; i < tiles; i++) {
-        if (i + 2 < tiles) prefetch_rows(k, rows + 16 * (i + 2), head_bytes);
-        prefetch_rows(v, rows + 16 * i, head_bytes); /* for the values' pass after this one */
-        const __mmask16 valid = n - 16 * i >= 16 ? 0xffff : (1u << (n - 16 * i)) - 1;
-        for (int64_t j = 0; j < group; j++) {
-          __m512 score = bf16 ? _mm512_mul_ps(scores_bf16((const uint16_t *)q + q_at + j * head_dim, k,
-                                                          rows + 16 * i, head_dim),
-                                              _mm512_set1_ps(scale))
-                              : scores_f32(q_scaled[j], k, rows + 16 * i, head_dim);
-          score = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, score);
-          _mm512_storeu_ps(&probs[j][16 * i], score);
-          chunk_max[j] = _mm512_max_ps(chunk_max[j], score);
-        }
-      }
-      for (int64_t j = 0; j < group; j++) {
-        const float top = _mm512_reduce_max_ps(chunk_max[j]);
-        if (top > max[j]) { /* what was summed so far, scaled by e^(old max - new max) */
-          const __m512 rescale = exp16(_mm512_set1_ps(max[j] - top));
-          sum[j] = _mm512_mul_ps(sum[j], rescale);
-          for (int64_t c = 0; c < slices; c++) acc[j][c] = _mm512_mul_ps(acc[j][c], rescale);
-          max[j] = top;
-        }
-        for (int64_t i = 0; i < tiles; i++) {
-          const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(&probs[j][16 * i]), _mm512_set1_ps(max[j])));
-          _mm512_storeu_ps(&probs[j][16 * i], p);
-          sum[j] = _mm512_add_ps(sum[j], p);
-        }
-      }
-      for (int64_t i = 0; i < tiles; i++) weigh_values(acc, probs, 16 * i, v, rows, slices, bf16, (int)group);
-    }
-    const __m512i evens = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(8));
-    for (int64_t j = 0; j < group; j++) {
-      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[j]));
-      for (int64_t c = 0; c < slices; c++) {
-        __m512 x = acc[j][c];
-        if (bf16 && c < (slices & ~1)) /* a pair's even and odd dims (weigh_slices) */
-          x = _mm512_permutex2var_ps(acc[j][c & ~1], c & 1 ? odds : evens, acc[j][c | 1]);
-        store16(out, out_at + j * head_dim + c * 16, _mm512_mul_ps(x, inv), bf16);
-      }
-    }
-  }
+  for (int64_t item = 0; item < num_seqs * num_kv_heads; item++)
+    decode_attention_item(q, q_stride, k_cache, v_cache, tokens, block_tables, max_blocks, seq_lens, out, block_size,
+                          num_heads, num_kv_heads, head_dim, scale, bf16, item);
 }

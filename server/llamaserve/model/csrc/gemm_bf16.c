@@ -70,7 +70,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
       _mm256_storeu_si256((__m256i *)(y + i * ldy + v * 16), (__m256i)_mm512_cvtneps_pbh(sum[i][v]));
 }
 
-#define TILE(R, NV) tile(x + m0 * ldx, ldx, block, k, y + m0 * n + n0, n, R, NV)
+#define TILE(R, NV) tile(x + m0 * ldx, ldx, block, k, y + m0 * ldy + n0, ldy, R, NV)
 #define ROWS(NV)                                   \
   switch (rows) {                                  \
     case 1: TILE(1, NV); break;                    \
@@ -81,13 +81,11 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
     default: TILE(6, NV); break;                   \
   }
 
-/* y [m, n] (contiguous) = x [m, k] (row stride ldx) @ W^T, W [n, k] packed by pack_bf16; n % 16 == 0 and
-   k % 2 == 0 (the caller checks) */
-void gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *packed, uint16_t *y, int64_t m, int64_t n,
-               int64_t k, int threads) {
-  int64_t blocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < blocks; b++) {
+/* Blocks [b0, b1) of y = x [m, k] (row stride ldx) @ W^T, W [n, k] packed by pack_bf16: y's columns 64 b0 up to
+   min(n, 64 b1), y's row stride ldy; n % 16 == 0 and k % 2 == 0 (the caller checks). One thread. */
+void gemm_bf16_blocks(const uint16_t *x, int64_t ldx, const uint16_t *packed, uint16_t *y, int64_t ldy, int64_t m,
+                      int64_t n, int64_t k, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; b++) {
     int64_t n0 = b * BLOCK;
     int nv = (int)((n - n0 < BLOCK ? n - n0 : BLOCK) / 16);
     const uint16_t *block = packed + n0 * k;
@@ -101,4 +99,12 @@ void gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *packed, uint16_t 
       }
     }
   }
+}
+
+/* y [m, n] (contiguous) = x [m, k] (row stride ldx) @ W^T, the blocks shared among `threads` */
+void gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *packed, uint16_t *y, int64_t m, int64_t n,
+               int64_t k, int threads) {
+  int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; b++) gemm_bf16_blocks(x, ldx, packed, y, n, m, n, k, b, b + 1);
 }

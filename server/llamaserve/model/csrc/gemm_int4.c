@@ -105,7 +105,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
 }
 
 #define TILE(R, NV) \
-  tile(x + m0 * ldx, ldx, xsum + m0 * groups, groups, block, bparams, k, group, y + m0 * n + n0, n, R, NV)
+  tile(x + m0 * ldx, ldx, xsum + m0 * groups, groups, block, bparams, k, group, y + m0 * ldy + n0, ldy, R, NV)
 #define ROWS(NV)                \
   switch (rows) {               \
     case 1: TILE(1, NV); break; \
@@ -113,12 +113,10 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
     default: TILE(3, NV); break; \
   }
 
-/* y [m, n] (contiguous) = x [m, k] (row stride ldx) @ W^T, W packed by pack_int4; xsum [m, k / group] float32
-   scratch; n % 16 == 0, group even and dividing k (the caller checks) */
-void gemm_int4(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *params, uint16_t *y,
-               float *xsum, int64_t m, int64_t n, int64_t k, int64_t group, int threads) {
-  int64_t groups = k / group, blocks = (n + BLOCK - 1) / BLOCK;
-  for (int64_t i = 0; i < m; i++)
+/* Rows [r0, r1) of xsum [m, k / group] float32: each row's sum of x [m, k] (row stride ldx) over each group. */
+void int4_prepare(const uint16_t *x, int64_t ldx, float *xsum, int64_t k, int64_t group, int64_t r0, int64_t r1) {
+  int64_t groups = k / group;
+  for (int64_t i = r0; i < r1; i++)
     for (int64_t g = 0; g < groups; g++) {
       float sum = 0;
       for (int64_t j = g * group; j < (g + 1) * group; j++) {
@@ -129,8 +127,16 @@ void gemm_int4(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint1
       }
       xsum[i * groups + g] = sum;
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < blocks; b++) {
+}
+
+/* Blocks [b0, b1) of y = x [m, k] (row stride ldx) @ W^T, W packed by pack_int4, xsum from int4_prepare: y's
+   columns 64 b0 up to min(n, 64 b1), y's row stride ldy; n % 16 == 0, group even and dividing k (the caller
+   checks). One thread. */
+void gemm_int4_blocks(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *params, uint16_t *y,
+                      int64_t ldy, const float *xsum, int64_t m, int64_t n, int64_t k, int64_t group, int64_t b0,
+                      int64_t b1) {
+  int64_t groups = k / group;
+  for (int64_t b = b0; b < b1; b++) {
     int64_t n0 = b * BLOCK;
     int nv = (int)((n - n0 < BLOCK ? n - n0 : BLOCK) / 16);
     const uint8_t *block = codes + b * 32 * k;
@@ -145,4 +151,13 @@ void gemm_int4(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint1
       }
     }
   }
+}
+
+/* y [m, n] (contiguous) = x @ W^T, the blocks shared among `threads`; xsum [m, k / group] float32 scratch */
+void gemm_int4(const uint16_t *x, int64_t ldx, const uint8_t *codes, const uint16_t *params, uint16_t *y,
+               float *xsum, int64_t m, int64_t n, int64_t k, int64_t group, int threads) {
+  int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  int4_prepare(x, ldx, xsum, k, group, 0, m);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; b++) gemm_int4_blocks(x, ldx, codes, params, y, n, xsum, m, n, k, group, b, b + 1);
 }

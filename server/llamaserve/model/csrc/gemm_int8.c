@@ -102,7 +102,7 @@ static inline __attribute__((always_inline)) void tile(const int16_t *xq, int64_
   }
 }
 
-#define TILE(R, NV) tile(xq + m0 * kp, kp, xs + m0 * groups, block, scales + n0, y + m0 * n + n0, n, R, NV)
+#define TILE(R, NV) tile(xq + m0 * kp, kp, xs + m0 * groups, block, scales + n0, y + m0 * ldy + n0, ldy, R, NV)
 #define ROWS(NV)                \
   switch (rows) {               \
     case 1: TILE(1, NV); break; \
@@ -116,17 +116,22 @@ int64_t int8_scratch_bytes(int64_t m, int64_t k) {
   return m * kp * 2 + m * ((kp + GROUP - 1) / GROUP) * 4;
 }
 
-/* y [m, n] (contiguous) = x [m, k] (row stride ldx) @ (q * scales)^T, q packed by pack_int8; scratch: the
-   int8_scratch_bytes(m, k) bytes x's rounding takes, 4-byte aligned; n % 16 == 0 (the caller checks) */
-void gemm_int8(const uint16_t *x, int64_t ldx, const int8_t *codes, const float *scales, uint16_t *y, void *scratch,
-               int64_t m, int64_t n, int64_t k, int threads) {
-  const int64_t kp = (k + 1) / 2 * 2, groups = (kp + GROUP - 1) / GROUP, blocks = (n + BLOCK - 1) / BLOCK;
+/* Rows [r0, r1) of x [m, k] (row stride ldx) rounded into scratch (int8_scratch_bytes(m, k), 4-byte aligned). */
+void int8_prepare(const uint16_t *x, int64_t ldx, void *scratch, int64_t m, int64_t k, int64_t r0, int64_t r1) {
+  const int64_t kp = (k + 1) / 2 * 2, groups = (kp + GROUP - 1) / GROUP;
   float *xs = scratch;
   int16_t *xq = (int16_t *)(xs + m * groups);
-#pragma omp parallel for schedule(static) num_threads(threads) if (m > 8)
-  for (int64_t r = 0; r < m; r++) round_row(x + r * ldx, k, kp, xq + r * kp, xs + r * groups);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < blocks; b++) {
+  for (int64_t r = r0; r < r1; r++) round_row(x + r * ldx, k, kp, xq + r * kp, xs + r * groups);
+}
+
+/* Blocks [b0, b1) of y = x @ (q * scales)^T, q packed by pack_int8, x rounded by int8_prepare: y's columns 64 b0
+   up to min(n, 64 b1), y's row stride ldy; n % 16 == 0 (the caller checks). One thread. */
+void gemm_int8_blocks(const int8_t *codes, const float *scales, uint16_t *y, int64_t ldy, const void *scratch,
+                      int64_t m, int64_t n, int64_t k, int64_t b0, int64_t b1) {
+  const int64_t kp = (k + 1) / 2 * 2, groups = (kp + GROUP - 1) / GROUP;
+  const float *xs = scratch;
+  const int16_t *xq = (const int16_t *)(xs + m * groups);
+  for (int64_t b = b0; b < b1; b++) {
     int64_t n0 = b * BLOCK;
     int nv = (int)((n - n0 < BLOCK ? n - n0 : BLOCK) / 16);
     const int8_t *block = codes + n0 * kp;
@@ -140,4 +145,15 @@ void gemm_int8(const uint16_t *x, int64_t ldx, const int8_t *codes, const float 
       }
     }
   }
+}
+
+/* y [m, n] (contiguous) = x [m, k] (row stride ldx) @ (q * scales)^T, the rows' rounding and the blocks shared
+   among `threads`; scratch: int8_scratch_bytes(m, k) bytes, 4-byte aligned */
+void gemm_int8(const uint16_t *x, int64_t ldx, const int8_t *codes, const float *scales, uint16_t *y, void *scratch,
+               int64_t m, int64_t n, int64_t k, int threads) {
+  const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads) if (m > 8)
+  for (int64_t r = 0; r < m; r++) int8_prepare(x, ldx, scratch, m, k, r, r + 1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; b++) gemm_int8_blocks(codes, scales, y, n, scratch, m, n, k, b, b + 1);
 }
