@@ -4,6 +4,7 @@ where they cannot be built."""
 
 import logging
 import os
+import shutil
 import stat
 
 import pytest
@@ -107,6 +108,20 @@ def test_no_compiler_means_onednn_and_a_log_line(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
         assert cpu_kernels.bf16_gemm(tmp_path / "other") is None
     assert "the CPU lacks avx512_bf16" in caplog.text
+
+
+@pytest.mark.parametrize("source", sorted(cpu_kernels.BUILDS))
+def test_every_kernel_compiles(source, tmp_path):
+    """Compiling needs no CPU with the instructions: where a C compiler exists, every source must build (a kernel
+    that fails to build at run time falls back to torch's quietly, and the tests that need it skip)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    how = cpu_kernels.BUILDS[source]
+    try:
+        cpu_kernels.build(source, how.flags, tmp_path, how.libs)
+    except OSError:  # built, but this CPU or loader cannot load it
+        pass
+    assert list((tmp_path / "kernels").glob(f"*/{source.removesuffix('.c')}.so"))
 
 
 def test_a_built_kernel_is_reused(gemm, tmp_path):

@@ -32,10 +32,28 @@ SOURCES = Path(__file__).with_name("csrc")
 BF16_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC",
               "-shared"]
 BF16_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}  # as /proc/cpuinfo spells them
-INT8_FLAGS = BF16_FLAGS + ["-mavx512vnni"]
-INT8_CPU_FLAGS = BF16_CPU_FLAGS | {"avx512_vnni"}
 LORA_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 LORA_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+
+
+@dataclass(frozen=True)
+class Build:
+    """How a csrc/ source compiles, and what the CPU needs to run it."""
+
+    flags: list[str]
+    cpu: set[str]
+    libs: tuple[str, ...] = ()
+
+
+BUILDS = {
+    "gemm_bf16.c": Build(BF16_FLAGS, BF16_CPU_FLAGS),
+    "gemm_int8.c": Build(BF16_FLAGS + ["-mavx512vnni"], BF16_CPU_FLAGS | {"avx512_vnni"}, ("-lm",)),
+    "gemm_int4.c": Build(BF16_FLAGS, BF16_CPU_FLAGS),
+    "attention.c": Build(BF16_FLAGS, BF16_CPU_FLAGS, ("-lm",)),
+    "layer_ops.c": Build(BF16_FLAGS, BF16_CPU_FLAGS, ("-lm",)),
+    "lora.c": Build(LORA_FLAGS, LORA_CPU_FLAGS),
+    "decoder.c": Build(["-O2", "-fopenmp", "-fPIC", "-shared"], BF16_CPU_FLAGS),
+}
 
 
 class KernelUnavailable(RuntimeError):
@@ -197,8 +215,7 @@ class Int8Gemm:
 @functools.cache
 def int8_gemm(cache_dir: Path) -> Int8Gemm | None:
     """The int8 matmul kernel, built on first use; None (logged once) where it cannot run here."""
-    return _load(Int8Gemm, "gemm_int8.c", "int8 layers", cache_dir, cpu=INT8_CPU_FLAGS, flags=INT8_FLAGS,
-                 libs=("-lm",))
+    return _load(Int8Gemm, "gemm_int8.c", "int8 layers", cache_dir)
 
 
 class PagedAttention:
@@ -244,16 +261,16 @@ class PagedAttention:
 @functools.cache
 def paged_attention(cache_dir: Path) -> PagedAttention | None:
     """The CPU decode attention kernel, built on first use; None (logged once) where it cannot run here."""
-    return _load(PagedAttention, "attention.c", "attention", cache_dir, libs=("-lm",))
+    return _load(PagedAttention, "attention.c", "attention", cache_dir)
 
 
-def _load(kernel: type, source: str, what: str, cache_dir: Path, cpu: set[str] = BF16_CPU_FLAGS,
-          flags: list[str] = BF16_FLAGS, libs: tuple[str, ...] = (), fallback: str = "torch's kernels"):
-    """`kernel` (a wrapper class) over csrc/`source` built for this machine, or None, logged once, where it
-    cannot run here (`what` names the layers that then run on `fallback`)."""
+def _load(kernel: type, source: str, what: str, cache_dir: Path, fallback: str = "torch's kernels"):
+    """`kernel` (a wrapper class) over csrc/`source` built for this machine (BUILDS[source]), or None, logged
+    once, where it cannot run here (`what` names the layers that then run on `fallback`)."""
+    how = BUILDS[source]
     try:
-        _check_cpu(cpu)
-        return kernel(build(source, flags, Path(cache_dir), libs))
+        _check_cpu(how.cpu)
+        return kernel(build(source, how.flags, Path(cache_dir), how.libs))
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
         log.info("%s run on %s: llamaserve's own kernel is unavailable here (%s)", what, fallback, e)
         return None
@@ -323,7 +340,7 @@ class LayerOps:
 @functools.cache
 def layer_ops(cache_dir: Path) -> LayerOps | None:
     """The fused elementwise kernels, built on first use; None (logged once) where they cannot run here."""
-    return _load(LayerOps, "layer_ops.c", "norms and activations", cache_dir, libs=("-lm",))
+    return _load(LayerOps, "layer_ops.c", "norms and activations", cache_dir)
 
 
 class LoraDelta:
@@ -373,7 +390,7 @@ class LoraDelta:
 @functools.cache
 def lora_delta(cache_dir: Path) -> LoraDelta | None:
     """The LoRA delta kernel, built on first use; None (logged once) where it cannot run here."""
-    return _load(LoraDelta, "lora.c", "LoRA deltas", cache_dir, cpu=LORA_CPU_FLAGS, flags=LORA_FLAGS)
+    return _load(LoraDelta, "lora.c", "LoRA deltas", cache_dir)
 
 
 @dataclass(frozen=True)
@@ -526,8 +543,7 @@ class DecoderProgram:
 @functools.cache
 def decoder_layers(cache_dir: Path) -> DecoderLayers | None:
     """The one-call decoder, built on first use; None (logged once) where it cannot run here."""
-    return _load(DecoderLayers, "decoder.c", "decode steps", cache_dir,
-                 flags=["-O2", "-fopenmp", "-fPIC", "-shared"], fallback="a call per kernel from Python")
+    return _load(DecoderLayers, "decoder.c", "decode steps", cache_dir, fallback="a call per kernel from Python")
 
 
 @dataclass(frozen=True)

@@ -113,14 +113,19 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
     default: TILE(3, NV); break; \
   }
 
-/* Rows [r0, r1) of xsum [m, k / group] float32: each row's sum of x [m, k] (row stride ldx) over each group. */
+/* Rows [r0, r1) of xsum [m, k / group] float32: each row's sum of x [m, k] (row stride ldx) over each group, 16
+   lanes at a time while 16 remain (the lanes' sums then added together), one by one after. */
 void int4_prepare(const uint16_t *x, int64_t ldx, float *xsum, int64_t k, int64_t group, int64_t r0, int64_t r1) {
   int64_t groups = k / group;
   for (int64_t i = r0; i < r1; i++)
     for (int64_t g = 0; g < groups; g++) {
-      float sum = 0;
-      for (int64_t j = g * group; j < (g + 1) * group; j++) {
-        uint32_t u = (uint32_t)x[i * ldx + j] << 16;
+      const uint16_t *in = x + i * ldx + g * group;
+      __m512 lanes = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 16 <= group; j += 16) lanes = _mm512_add_ps(lanes, bf16_to_ps(in + j));
+      float sum = _mm512_reduce_add_ps(lanes);
+      for (; j < group; j++) {
+        uint32_t u = (uint32_t)in[j] << 16;
         float f;
         memcpy(&f, &u, 4);
         sum += f;
