@@ -4,9 +4,11 @@
 
 A decode step at batch 1 reads every weight once, so it can take no less than (bytes of the weights it
 reads) / (memory bandwidth). The bandwidth is measured here, as the copy of a 1 GiB tensor (2 bytes moved
-per byte copied); the step is the model's forward for one new token after `--context` tokens, through
-the paged KV cache (no sampling, no engine). The precisions run in rounds, interleaved, so a neighbour's
-load on this shared machine hits all of them alike; the figures are medians.
+per byte copied, the best of 3), in every round, since a neighbour's load on this shared machine moves it by a
+third within minutes; the step is the model's forward for one new token after `--context` tokens, through
+the paged KV cache (no sampling, no engine). The precisions run in rounds, interleaved, so that load hits
+all of them alike. Each round's step is set against the bound at that round's bandwidth; the figures are
+medians over the rounds.
 """
 
 import argparse
@@ -40,7 +42,7 @@ def load(precision: str):
                       cpu_kernels=cpu_kernels, lm_head_quantization=(lm_head or ["auto"])[0])
 
 
-def bandwidth_gb_s(gib: float = 1.0, repeat: int = 5) -> float:
+def bandwidth_gb_s(gib: float = 1.0, repeat: int = 3) -> float:
     src = torch.ones(int(gib * 2**30) // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -94,28 +96,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     args = parser.parse_args()
-    bandwidth = bandwidth_gb_s()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory bandwidth (1 GiB copy) "
-          f"{bandwidth:.1f} GB/s; context {args.context}, batch {args.batch}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; context {args.context}, batch {args.batch}")
     steps, sizes = {}, {}
     for name in args.precisions:
         model = load(name)
         steps[name], sizes[name] = DecodeStep(model, args.context, args.batch), weight_bytes(model)
         steps[name]()
-    times = {name: [] for name in steps}
+    times = {name: [] for name in steps}  # ms a step, a round each
+    bandwidths = []  # GB/s, a round each
     for _ in range(args.rounds):
+        bandwidths.append(bandwidth_gb_s())
         for name, step in steps.items():
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
-    print(f"| precision | weights read per step | bound at {bandwidth:.1f} GB/s | decode step (median) | "
-          "step / bound |")
+    print(f"memory bandwidth (1 GiB copy) by round: {', '.join(f'{b:.1f}' for b in bandwidths)} GB/s")
+    print("| precision | weights read per step | bound (median) | decode step (median) | step / bound (median of "
+          "rounds) |")
     print("|---|---|---|---|---|")
     for name in steps:
-        bound = sizes[name] / bandwidth / 1e6  # ms
-        step = statistics.median(times[name])
-        print(f"| {name} | {sizes[name] / 1e6:.0f} MB | {bound:.2f} ms | {step:.2f} ms | {step / bound:.1f}x |")
+        bounds = [sizes[name] / bandwidth / 1e6 for bandwidth in bandwidths]  # ms
+        ratios = [t / b for t, b in zip(times[name], bounds)]
+        print(f"| {name} | {sizes[name] / 1e6:.0f} MB | {statistics.median(bounds):.2f} ms | "
+              f"{statistics.median(times[name]):.2f} ms | {statistics.median(ratios):.2f}x |")
 
 
 if __name__ == "__main__":
