@@ -78,9 +78,14 @@ def test_decode_steps_in_one_call_match_the_layer_by_layer_path(tmp_path, quanti
     assert fused.shape == (len(contexts), arch.vocab_size) and fused.dtype == torch.float32
     assert torch.equal(fused, layered)
     assert all(torch.equal(a, b) for pair in zip(fused_kv, layered_kv) for a, b in zip(*pair))
+    # A one-token chunk of a prompt that goes on is a decode to attention, but samples nothing.
+    partly = AttentionMetadata.build([1] * len(contexts), [c + 1 for c in contexts], tables, block_size,
+                                     sample=[True, False, True, True])
+    (fused, _), (layered, _) = step(ids, positions, partly, True), step(ids, positions, partly, False)
+    assert len(calls) == 2 and fused.shape[0] == 3 and torch.equal(fused, layered)
     mixed = AttentionMetadata.build([1, 3], [6, 3], tables[:2], block_size)
     step(torch.tensor([3, 5, 6, 7]), torch.tensor([5, 0, 1, 2]), mixed, True)
-    assert len(calls) == 1  # the prefill chunk's step ran layer by layer
+    assert len(calls) == 2  # the prefill chunk's step ran layer by layer
     with pytest.raises(IndexError):  # as the embedding's lookup would, and nothing written
         step(torch.tensor([3, 77, arch.vocab_size, 41]), positions, decode, True)
 

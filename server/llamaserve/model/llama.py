@@ -189,14 +189,16 @@ class LlamaForCausalLM(nn.Module):
         backend = self.attention_for(input_ids.device, dtype)
         plan = backend.plan(meta) if attention_plan is None else attention_plan
         cos, sin = self.rotary(positions, meta.token_seq_lens, dtype)
-        # Only the positions that will be sampled go through the final norm and the vocabulary projection.
-        rows = meta.logits_indices
-        if self._decodes_in_one_call(backend, plan):  # every token sampled, one each
-            return self.decoder.run(input_ids, cos, sin, kv_caches, meta.slot_mapping, plan.decode_tables,
-                                    plan.decode_lens, plan.decode_tokens)
+        rows = meta.logits_indices  # the positions that are sampled
+        if self._decodes_in_one_call(backend, plan):
+            logits = self.decoder.run(input_ids, cos, sin, kv_caches, meta.slot_mapping, plan.decode_tables,
+                                      plan.decode_lens, plan.decode_tokens)
+            # One row a sequence, in order: all of them but where a one-token prompt chunk samples nothing.
+            return logits if rows.numel() == logits.shape[0] else logits[rows]
         x, delta = self.model.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x, delta = layer(x, delta, cos, sin, kv_cache, meta, plan)
+        # Only the sampled positions go through the final norm and the vocabulary projection.
         logits = self.lm_head(self.model.norm(x[rows], delta[rows]))
         return None if logits is None else logits.float()
 

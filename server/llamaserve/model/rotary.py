@@ -83,6 +83,7 @@ class RotaryEmbedding(torch.nn.Module):
             table = self._tables[dtype] = self._cos_sin(freqs, dtype)
         return table
 
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, 1, head_dim] from RotaryEmbedding.
     Rotate-half: x * cos + (-x2, x1) * (sin, sin), written as a roll by half a head with sin's sign folded in
