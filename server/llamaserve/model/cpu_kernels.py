@@ -1,13 +1,13 @@
 """llamaserve's own CPU kernels: C with AVX-512 intrinsics (csrc/), built by the system's C compiler on first use.
 
 Each source compiles into `cache_dir/kernels/<key>/`, the key hashing the source (with the headers of csrc/), the
-flags and the compiler's version, so a changed kernel or compiler builds again and a second process (another
-tensor-parallel rank, the next server) loads the built library. Building takes about a second; the library is loaded with ctypes (no
-torch headers, no build step at install). Where a kernel cannot run (no compiler, a CPU without the
-instructions, a build error) `bf16_gemm`, `int8_gemm`, `int4_gemm`, `paged_attention`, `layer_ops`,
-`decoder_layers` and `lora_delta` return None, log why once, and the layers keep torch's kernels (oneDNN, torch's
-int8 and int4 CPU kernels, the torch attention backend, torch's elementwise operators, a call per kernel,
-LoRA's one-hot matmuls).
+flags and the compiler's version (cpu_kernels.BUILDS says how each builds), so a changed kernel or compiler
+builds again and a second process (another tensor-parallel rank, the next server) loads the built library.
+Building takes about a second; the library is loaded with ctypes (no torch headers, no build step at install).
+Where a kernel cannot run (no compiler, a CPU without the instructions, a build error) `bf16_gemm`, `int8_gemm`,
+`int4_gemm`, `paged_attention`, `layer_ops`, `decoder_layers` and `lora_delta` return None, log why once, and the
+layers keep torch's kernels (oneDNN, torch's int8 and int4 CPU kernels, the torch attention backend, torch's
+elementwise operators, a call per kernel, LoRA's one-hot matmuls).
 
 The libraries link libgomp.so.1, which the dynamic loader resolves to the copy torch has already loaded:
 their OpenMP loops run on torch's own threads, `torch.get_num_threads()` of them.

@@ -13,9 +13,9 @@
    PASSIVE each region's start cost a wake-up, and the batch-1 step took three times as long). The norms,
    rotary, cache writes and SiLU split the rows among them; a matmul's 64-column blocks and attention's
    (sequence, KV head) items go out from a counter, in runs that shrink as they run out (guided), so a thread
-   that spent the last step on the rows takes fewer (at batch 1 one thread has all the rows, and with fixed
-   shares the other waited 0.85 ms a step). Between two steps that depend on each other the team meets at a
-   barrier.
+   held up by the rows, or by a neighbour's process, takes fewer. Between two kernels where the second reads
+   what the first wrote, the team meets at a barrier. (At batch 1 one thread has the one row: the other waits
+   ~0.4 ms a step, mostly for its norms and SiLU and for the last block of each matmul.)
 
    bfloat16 activations throughout; every linear projection is llamaserve's bf16, int8 or int4 kernel, and so
    is the LM head where it runs on one (else the step ends at the final norm, and the caller projects). */
