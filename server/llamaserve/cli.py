@@ -206,7 +206,8 @@ def add_plan_parser(subcommands) -> None:
     p.add_argument("--tensor-parallel-size", type=int, help="ranks (default: the YAML's tensor_parallel_size)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the YAML's dtype")
     p.add_argument("--max-model-len", type=int, help="tokens of one sequence (default: the YAML's max_model_len)")
-    for flag, what in (("--quantization", "the decoder's linear projections"), ("--lm-head-quantization", "the LM head")):
+    for flag, what in (("--quantization", "the decoder's linear projections"),
+                       ("--lm-head-quantization", "the LM head")):
         p.add_argument(flag, choices=["none", "int8", "int4"],
                        help=f"weight-only quantization of {what} (default: the YAML's; auto counts as none)")
 

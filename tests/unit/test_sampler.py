@@ -310,7 +310,8 @@ def test_the_cut_from_candidates_keeps_what_a_full_sort_keeps():
     logits = torch.stack([r[0] for r in rows])
     top_k = torch.tensor([[r[1] or vocab] for r in rows])
     top_p = torch.tensor([[r[2] or math.inf] for r in rows])
-    assert flat.softmax(-1).topk(CANDIDATES[-1]).values.sum() < 0.9 < peaked.softmax(-1).topk(CANDIDATES[0]).values.sum()
+    mass = lambda logits, width: logits.softmax(-1).topk(width).values.sum()  # noqa: E731
+    assert mass(flat, CANDIDATES[-1]) < 0.9 < mass(peaked, CANDIDATES[0])
     for k in (top_k, None):
         ours, theirs = top_k_top_p(logits.clone(), k, top_p), _sorted_top_k_top_p(logits.clone(), k, top_p)
         kept, kept_by_sort = torch.isfinite(ours), torch.isfinite(theirs)

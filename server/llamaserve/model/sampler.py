@@ -256,9 +256,10 @@ def top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> T
 
     On the CPU a full sort of a 49k vocabulary costs ~3.5 ms a row (more than a decode step at 16 rows), so there
     a row is cut from its 256 most likely tokens (or its top k, if more), which is exact when they hold its top k
-    or reach top_p; else from 4,096; else it is sorted. (Its sums run in another order than the sort's: where
-    a row's probability crosses top_p within float32 rounding, the two may keep a token more or less.) For the default model over tests/data/perplexity.txt at
-    temperature 1 and top_p 0.95, 256 tokens reach it at 70% of positions and 4,096 at 99.9% (bench/RESULTS.md)."""
+    or reach top_p; else from 4,096; else it is sorted. (Its sums run in another order than the sort's: where a
+    row's probability crosses top_p within float32 rounding, the two may keep a token more or less.) For the
+    default model over tests/data/perplexity.txt at temperature 1 and top_p 0.95, 256 tokens reach it at 70% of
+    positions and 4,096 at 99.9% (bench/RESULTS.md)."""
     if logits.device.type != "cpu":
         return _sorted_top_k_top_p(logits, top_k, top_p)
     vocab = logits.shape[-1]
